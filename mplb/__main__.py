@@ -1,0 +1,5 @@
+import sys
+
+from mplb.cli import main
+
+sys.exit(main())

@@ -1,0 +1,353 @@
+"""Directive handlers: turn one validated statement into values on its block's scope.
+
+The registry has already checked context and argument count; a handler checks values and
+writes either ``scope.settings`` (the inheritable ProxySettings fields, nginx inheritance
+applies) or ``scope.values`` (block-specific results the builder assembles).
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+from mplb.config.model import HeaderTemplate, HealthCheck, Listen, Persistence, UpstreamServer
+from mplb.config.values import (
+    Stmt, compile_template, resolve_host, split_hostport, split_options, to_access_rule,
+    to_flag, to_int, to_single_variable, to_size, to_time,
+)
+
+METHODS = {
+    "weighted_round_robin": "weighted_round_robin",
+    "round_robin": "round_robin",
+    "least_connections": "least_connections",
+    "least_conn": "least_connections",
+}
+PERSISTENCE_OPTIONS = {
+    "none": (),
+    "ip_hash": ("ttl", "table_size"),
+    "cookie": ("name", "ttl", "secret", "learn"),
+    "consistent_hash": ("key",),
+}
+PERSISTENCE_TTL = {"ip_hash": 3600.0, "cookie": 86400.0}
+NEXT_UPSTREAM = ("error", "timeout", "http_502", "http_503", "http_504", "off")
+LOG_LEVELS = ("debug", "info", "warn", "error")
+REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+@dataclass
+class Scope:
+    """What one block (main, upstream, server, location) has collected so far."""
+
+    kind: str
+    base_dir: str
+    settings: dict = field(default_factory=dict)
+    values: dict = field(default_factory=dict)
+
+
+# --- main -------------------------------------------------------------------------------
+
+def set_worker_processes(stmt: Stmt, scope: Scope) -> None:
+    value = stmt.args[0]
+    scope.values["worker_processes"] = (
+        os.cpu_count() or 1 if value == "auto" else to_int(stmt, value, minimum=1))
+
+
+def set_worker_connections(stmt, scope):
+    scope.values["worker_connections"] = to_int(stmt, stmt.args[0], minimum=1)
+
+
+def set_worker_shutdown_timeout(stmt, scope):
+    scope.values["worker_shutdown_timeout"] = to_time(stmt, stmt.args[0])
+
+
+def set_pid(stmt, scope):
+    scope.values["pid"] = stmt.args[0]
+
+
+def set_error_log(stmt, scope):
+    path = None if stmt.args[0] == "stderr" else stmt.args[0]
+    level = stmt.args[1] if len(stmt.args) > 1 else "info"
+    if level not in LOG_LEVELS:
+        raise stmt.invalid(level, "it must be one of " + ", ".join(LOG_LEVELS))
+    scope.values["error_log"] = (path, level)
+
+
+def set_access_log(stmt, scope):
+    scope.values["access_log"] = None if stmt.args[0] == "off" else stmt.args[0]
+
+
+# --- upstream ---------------------------------------------------------------------------
+
+def set_method(stmt, scope):
+    name = stmt.args[0]
+    if name not in METHODS:
+        raise stmt.error(f'unknown method "{name}" (expected one of {", ".join(METHODS)})')
+    scope.values["method"] = METHODS[name]
+
+
+def set_persistence(stmt, scope):
+    kind = stmt.args[0]
+    if kind not in PERSISTENCE_OPTIONS:
+        raise stmt.error(f'unknown persistence "{kind}" '
+                         f'(expected one of {", ".join(PERSISTENCE_OPTIONS)})')
+    options = split_options(stmt, stmt.args[1:], PERSISTENCE_OPTIONS[kind],
+                            f'"persistence {kind}"')
+    fields = {"kind": kind, "ttl": PERSISTENCE_TTL.get(kind, 0.0)}
+    if "ttl" in options:
+        fields["ttl"] = to_time(stmt, options["ttl"], positive=True)
+    if "table_size" in options:
+        fields["table_size"] = to_int(stmt, options["table_size"], minimum=1)
+    if "name" in options:
+        if not _TOKEN.fullmatch(options["name"]):
+            raise stmt.invalid(options["name"], "a cookie name is a token")
+        fields["cookie_name"] = options["name"]
+    if "secret" in options:
+        if not options["secret"]:
+            raise stmt.invalid("secret=", "the secret must not be empty")
+        fields["secret"] = options["secret"]
+    if "learn" in options:
+        if not _TOKEN.fullmatch(options["learn"]):
+            raise stmt.invalid(options["learn"], "a cookie name is a token")
+        fields["learn"] = options["learn"]
+    if "key" in options:
+        fields["key"] = to_single_variable(stmt, options["key"])
+    scope.values["persistence"] = Persistence(**fields)
+
+
+def parse_server_url(stmt: Stmt, url: str):
+    """Return (host, port) from 'http://host:port', 'ws://host:port' or nginx's 'host:port'."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "http", url
+    scheme = scheme.lower()
+    if scheme in ("https", "wss"):
+        raise stmt.unsupported(f'"{scheme}://" upstream server')
+    if scheme not in ("http", "ws"):
+        raise stmt.error(f'invalid URL prefix in "{url}"')
+    if rest.endswith("/"):
+        rest = rest[:-1]
+    if "/" in rest or "?" in rest:
+        raise stmt.error(f'invalid URL "{url}": an upstream server has no path')
+    return split_hostport(stmt, rest, 80, "upstream")
+
+
+def make_server(stmt: Stmt, url: str, host: str, port: int, params) -> UpstreamServer:
+    """Resolve the host now so a typo fails at load, never at the first request."""
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    address = resolve_host(host, port)
+    if address is None:
+        raise stmt.error(f'host not found in upstream "{shown}"')
+    return UpstreamServer(url=f"http://{shown}", host=host, port=port, address=address,
+                          **params)
+
+
+def add_upstream_server(stmt, scope):
+    host, port = parse_server_url(stmt, stmt.args[0])
+    params = {}
+    for arg in stmt.args[1:]:
+        key, sep, value = arg.partition("=")
+        if arg in ("backup", "down"):
+            params[arg] = True
+        elif sep and key == "weight":
+            params["weight"] = to_int(stmt, value, minimum=1)
+        elif sep and key == "max_fails":
+            params["max_fails"] = to_int(stmt, value)
+        elif sep and key == "fail_timeout":
+            params["fail_timeout"] = to_time(stmt, value)
+        elif sep and key == "max_conns":
+            params["max_conns"] = to_int(stmt, value)
+        else:
+            raise stmt.error(f'invalid parameter "{arg}"')
+    server = make_server(stmt, stmt.args[0], host, port, params)
+    servers = scope.values.setdefault("servers", [])
+    if any(existing.url == server.url for existing in servers):
+        raise stmt.error(f'duplicate server "{server.url}" in upstream')
+    servers.append(server)
+
+
+def set_keepalive(stmt, scope):
+    scope.values["keepalive"] = to_int(stmt, stmt.args[0])
+
+
+def set_health_check(stmt, scope):
+    options = split_options(stmt, stmt.args, ("interval", "uri", "fails", "passes", "timeout"),
+                            '"health_check"')
+    fields = {}
+    for key in ("interval", "timeout"):
+        if key in options:
+            fields[key] = to_time(stmt, options[key], positive=True)
+    for key in ("fails", "passes"):
+        if key in options:
+            fields[key] = to_int(stmt, options[key], minimum=1)
+    if "uri" in options:
+        if not options["uri"].startswith("/"):
+            raise stmt.invalid(options["uri"], 'the uri must start with "/"')
+        fields["uri"] = options["uri"]
+    scope.values["health_check"] = HealthCheck(**fields)
+
+
+# --- server -----------------------------------------------------------------------------
+
+def add_listen(stmt, scope):
+    text = stmt.args[0]
+    if text.isdigit():
+        host, port = "0.0.0.0", int(text)
+        if not 0 < port < 65536:
+            raise stmt.error(f'invalid port in "{text}" of the "listen" directive')
+    else:
+        if text.startswith("unix:"):
+            raise stmt.unsupported('"listen unix:"')
+        host, port = split_hostport(stmt, text, 80, "listen address")
+    if host == "*":
+        host = "0.0.0.0"
+    address = resolve_host(host, port)
+    if address is None:
+        raise stmt.error(f'host not found in "{text}" of the "listen" directive')
+    params = {}
+    for arg in stmt.args[1:]:
+        if arg in ("default_server", "default"):
+            params["default_server"] = True
+        elif arg == "ssl":
+            params["ssl"] = True
+        elif arg.startswith("backlog="):
+            params["backlog"] = to_int(stmt, arg[len("backlog="):], minimum=1)
+        else:
+            raise stmt.error(f'invalid parameter "{arg}"')
+    listen = Listen(host=address, port=port, file=stmt.file, line=stmt.line, **params)
+    listens = scope.values.setdefault("listens", [])
+    if any(existing.key == listen.key for existing in listens):
+        raise stmt.error(f"duplicate listen {listen}")
+    listens.append(listen)
+
+
+def add_server_name(stmt, scope):
+    for name in stmt.args:
+        if name.startswith("~"):
+            raise stmt.unsupported("a regular expression in \"server_name\"")
+        if name.count("*") > 1 or ("*" in name and not (name.startswith("*.")
+                                                        or name.endswith(".*"))):
+            raise stmt.error(f'invalid server name or wildcard "{name}"')
+        scope.values.setdefault("server_names", []).append(name.lower())
+
+
+def set_ssl_file(stmt, scope):
+    path = stmt.args[0]
+    if not os.path.isabs(path):
+        path = os.path.join(scope.base_dir, path)
+    if not os.access(path, os.R_OK) or not os.path.isfile(path):
+        raise stmt.error(f'cannot load "{stmt.args[0]}" in "{stmt.name}": '
+                         "file not found or not readable")
+    scope.values[stmt.name] = (path, stmt)
+
+
+# --- location ---------------------------------------------------------------------------
+
+def set_proxy_pass(stmt, scope):
+    """Record an upstream reference; the builder resolves it once every upstream is known."""
+    url = stmt.args[0]
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        if ":" in url or "/" in url:
+            raise stmt.error(f'invalid URL prefix in "{url}"')
+        scope.values["proxy_pass"] = ("upstream", url, None, stmt)
+        return
+    if scheme.lower() in ("https", "wss"):
+        raise stmt.unsupported(f'"{scheme}://" in "proxy_pass"')
+    if scheme.lower() not in ("http", "ws"):
+        raise stmt.error(f'invalid URL prefix in "{url}"')
+    hostport, slash, _ = rest.partition("/")
+    if slash:
+        raise stmt.unsupported(f'a URI part in "proxy_pass" ("{url}")')
+    if "$" in url:
+        raise stmt.unsupported('variables in "proxy_pass"')
+    if ":" not in hostport or hostport.endswith("]"):
+        scope.values["proxy_pass"] = ("upstream", hostport, None, stmt)
+        return
+    host, port = split_hostport(stmt, hostport, None, "upstream")
+    scope.values["proxy_pass"] = ("address", host, port, stmt)
+
+
+def set_return(stmt, scope):
+    first = stmt.args[0]
+    if len(stmt.args) == 1 and first.startswith(("http://", "https://")):
+        code, text = 302, first
+    else:
+        if len(stmt.args) == 1 and not first.isdigit():
+            raise stmt.error(f'invalid return code "{first}"')
+        code = to_int(stmt, first, minimum=100, maximum=599)
+        text = stmt.args[1] if len(stmt.args) > 1 else ""
+    if "$" in text:
+        raise stmt.unsupported('variables in "return"')
+    if code in REDIRECT_CODES and text == "":
+        raise stmt.error(f'"return {code}" needs a URL')
+    scope.values["return"] = (code, text)
+
+
+def set_status(stmt, scope):
+    scope.values["status"] = True
+
+
+# --- inheritable (main, server, location) -----------------------------------------------
+
+def set_http_version(stmt, scope):
+    if stmt.args[0] not in ("1.0", "1.1"):
+        raise stmt.invalid(stmt.args[0], 'it must be "1.0" or "1.1"')
+    scope.settings["proxy_http_version"] = stmt.args[0]
+
+
+def add_header(stmt, scope):
+    name, value = stmt.args
+    if not _TOKEN.fullmatch(name):
+        raise stmt.error(f'invalid header name "{name}"')
+    template = HeaderTemplate(name=name, parts=compile_template(stmt, value))
+    scope.settings.setdefault("proxy_set_header", []).append(template)
+
+
+def timeout_setter(field_name: str, positive: bool = True):
+    """Build the handler of a directive that sets one time field."""
+    def set_timeout(stmt, scope):
+        scope.settings[field_name] = to_time(stmt, stmt.args[0], positive=positive)
+    set_timeout.__doc__ = f"Set ProxySettings.{field_name}."
+    return set_timeout
+
+
+def set_ws_keepalive(stmt, scope):
+    scope.settings["proxy_websocket_keepalive"] = to_flag(stmt, stmt.args[0])
+    options = split_options(stmt, stmt.args[1:], ("interval",), '"proxy_websocket_keepalive"')
+    if "interval" in options:
+        scope.settings["proxy_websocket_keepalive_interval"] = to_time(
+            stmt, options["interval"], positive=True)
+
+
+def set_next_upstream(stmt, scope):
+    for arg in stmt.args:
+        if arg not in NEXT_UPSTREAM:
+            raise stmt.invalid(arg, "it must be one of " + ", ".join(NEXT_UPSTREAM))
+    if "off" in stmt.args and len(stmt.args) > 1:
+        raise stmt.invalid("off", "it cannot be combined with other values")
+    scope.settings["proxy_next_upstream"] = frozenset(a for a in stmt.args if a != "off")
+
+
+def set_next_upstream_tries(stmt, scope):
+    scope.settings["proxy_next_upstream_tries"] = to_int(stmt, stmt.args[0])
+
+
+def set_max_body(stmt, scope):
+    scope.settings["client_max_body_size"] = to_size(stmt, stmt.args[0])
+
+
+def set_keepalive_requests(stmt, scope):
+    scope.settings["keepalive_requests"] = to_int(stmt, stmt.args[0], minimum=1)
+
+
+def set_header_buffers(stmt, scope):
+    number = to_int(stmt, stmt.args[0], minimum=1)
+    size = to_size(stmt, stmt.args[1])
+    if size < 16:
+        raise stmt.invalid(stmt.args[1], "it must be at least 16 bytes")
+    scope.settings["large_client_header_buffers"] = (number, size)
+
+
+def add_access_rule(stmt, scope):
+    scope.settings.setdefault("access_rules", []).append(to_access_rule(stmt, stmt.args[0]))

@@ -1,0 +1,200 @@
+"""Typed, immutable configuration objects.
+
+The builder (``mplb.config.build``) turns crossplane's tree into these objects once,
+at load time; workers only read them.  Everything a request needs that can be computed
+at configuration time (compiled regexes, header templates, resolved addresses) lives
+here so the hot path does no parsing.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional
+
+
+@dataclass(frozen=True)
+class Listen:
+    """One ``listen`` directive: where a virtual server accepts connections."""
+
+    host: str                 # '0.0.0.0', '127.0.0.1', '::' ...
+    port: int
+    default_server: bool = False
+    ssl: bool = False
+    backlog: int = 511
+    file: str = ""
+    line: int = 0
+
+    @property
+    def key(self) -> tuple:
+        """The socket identity: every server block with this key shares one socket."""
+        return (self.host, self.port)
+
+    @property
+    def family_is_ipv6(self) -> bool:
+        return ":" in self.host
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if self.family_is_ipv6 else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class UpstreamServer:
+    """One ``server`` line of an upstream block."""
+
+    url: str                  # normalised identity, 'http://host:port'
+    host: str                 # as written (name or address)
+    port: int
+    address: str              # resolved IP address used to connect
+    weight: int = 1
+    max_fails: int = 1
+    fail_timeout: float = 10.0
+    max_conns: int = 0        # 0 = unlimited
+    backup: bool = False
+    down: bool = False
+
+    @property
+    def hostport(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Persistence:
+    kind: str = "none"                  # none | ip_hash | cookie | consistent_hash
+    ttl: float = 0.0                    # seconds; kind-specific default filled by builder
+    table_size: int = 65536
+    cookie_name: str = "MPLB_SESSION"
+    secret: str = ""                    # empty: a random per-master secret
+    learn: Optional[str] = None         # cookie mode: learn this backend cookie
+    key: str = "$uri"                   # consistent_hash key template (a variable)
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    interval: float = 5.0
+    uri: str = "/"
+    fails: int = 1
+    passes: int = 1
+    timeout: float = 1.0
+
+
+@dataclass(frozen=True)
+class Upstream:
+    name: str
+    method: str = "weighted_round_robin"   # weighted_round_robin | round_robin | least_connections
+    persistence: Persistence = field(default_factory=Persistence)
+    servers: tuple = ()                     # tuple[UpstreamServer, ...]
+    keepalive: int = 32
+    health_check: Optional[HealthCheck] = None
+    implicit: bool = False                  # made from 'proxy_pass http://host:port'
+    file: str = ""
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class HeaderTemplate:
+    """A header value compiled at load time: literal text and variable names.
+
+    ``parts`` alternates as a tuple of ``(is_variable, text)``; the worker turns variable
+    names into values per request.  A template with no variables is ``static``.
+    """
+
+    name: str                 # header name as written
+    parts: tuple              # ((False, 'upgrade'),) or ((True, 'http_upgrade'),)
+
+    @property
+    def static(self) -> bool:
+        return all(not is_var for is_var, _ in self.parts)
+
+    @property
+    def literal(self) -> str:
+        return "".join(text for _, text in self.parts)
+
+
+@dataclass(frozen=True)
+class AccessRule:
+    allow: bool
+    network: Optional[ipaddress._BaseNetwork]   # None means 'all'
+
+    def matches(self, ip: ipaddress._BaseAddress) -> bool:
+        if self.network is None:
+            return True
+        return ip.version == self.network.version and ip in self.network
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    """Directives inherited inward main -> server -> location (nginx rules)."""
+
+    proxy_http_version: str = "1.1"
+    proxy_set_header: tuple = ()            # tuple[HeaderTemplate, ...]
+    proxy_connect_timeout: float = 5.0
+    proxy_read_timeout: float = 60.0
+    proxy_send_timeout: float = 60.0
+    proxy_websocket_keepalive: bool = False
+    proxy_websocket_keepalive_interval: float = 30.0
+    proxy_next_upstream: frozenset = frozenset({"error", "timeout"})
+    proxy_next_upstream_tries: int = 0      # 0 = unlimited (nginx)
+    client_max_body_size: int = 1024 * 1024  # 0 = unlimited
+    client_header_timeout: float = 60.0
+    client_body_timeout: float = 60.0
+    keepalive_timeout: float = 75.0
+    keepalive_requests: int = 1000
+    large_client_header_buffers: tuple = (4, 8192)
+    access_rules: tuple = ()                # tuple[AccessRule, ...]; empty = allow all
+
+
+@dataclass(frozen=True)
+class Location:
+    modifier: str             # '' | '=' | '^~' | '~' | '~*'
+    pattern: str
+    settings: ProxySettings
+    regex: Optional[re.Pattern] = None
+    upstream: Optional[str] = None          # name in Config.upstreams
+    return_code: Optional[int] = None
+    return_text: str = ""
+    status: bool = False                    # mplb_status
+    file: str = ""
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class VirtualServer:
+    listens: tuple                          # tuple[Listen, ...]
+    server_names: tuple                     # tuple[str, ...], lower case
+    locations: tuple                        # tuple[Location, ...] in file order
+    settings: ProxySettings
+    ssl_certificate: Optional[str] = None
+    ssl_certificate_key: Optional[str] = None
+    file: str = ""
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class ErrorLog:
+    path: Optional[str] = None              # None = stderr only
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    worker_processes: int
+    worker_connections: int = 10000
+    worker_shutdown_timeout: Optional[float] = None
+    pid: Optional[str] = None
+    error_log: ErrorLog = field(default_factory=ErrorLog)
+    access_log: Optional[str] = None        # None = off
+    upstreams: Mapping[str, Upstream] = field(default_factory=dict)
+    servers: tuple = ()                     # tuple[VirtualServer, ...]
+
+    @property
+    def listens(self) -> tuple:
+        """Distinct sockets to bind, in first-seen order (ssl flag from any block)."""
+        seen = {}
+        for vserver in self.servers:
+            for listen in vserver.listens:
+                seen.setdefault(listen.key, listen)
+        return tuple(seen.values())

@@ -1,0 +1,281 @@
+"""Persistence wrappers: answer first for a known client, record the method's pick otherwise.
+
+Every mode asks the Balancer's one eligibility filter; a known server that is not eligible
+(down, failed, at max_conns, already tried, or gone after a reload) is replaced by a fresh
+pick of the method and the record is updated ('repick').  Records name servers by their
+identity (the URL: shared directory slot or a URL hash), never by position, so they survive
+reloads that reorder servers.  Client input (IPs, cookies, keys) is bounded before use and
+hashed to fixed-size table keys.
+"""
+from __future__ import annotations
+
+import base64
+import bisect
+import hashlib
+import hmac
+import re
+import struct
+
+from mplb.balancing import Pick
+
+MAX_IP = 64                  # longest client address string we look at
+MAX_COOKIE_HEADER = 8192     # Cookie header bytes we parse
+MAX_SESSION_ID = 256         # learned session id length cap
+MAC_BYTES = 16
+TOKEN_BYTES = 6
+DEFAULT_TTL = {"ip_hash": 3600.0, "cookie": 86400.0}
+VNODES_PER_WEIGHT = 160      # ketama: 40 md5 digests x 4 points each
+
+
+def make_persistence(balancer, cfg):
+    """The wrapper object for ``cfg.kind`` bound to ``balancer``."""
+    kinds = {"ip_hash": IpHash, "consistent_hash": ConsistentHash}
+    if cfg.kind == "cookie":
+        return LearnCookie(balancer, cfg) if cfg.learn else InsertCookie(balancer, cfg)
+    if cfg.kind not in kinds:
+        raise ValueError(f"unknown persistence {cfg.kind!r}")
+    return kinds[cfg.kind](balancer, cfg)
+
+
+def table_entries_for(upstreams) -> int:
+    """Pool entries the shared tables of ``upstreams`` need (master sizes the segment)."""
+    total = 0
+    for upstream in upstreams:
+        p = upstream.persistence
+        if p.kind == "ip_hash" or (p.kind == "cookie" and p.learn):
+            total += p.table_size + 16
+    return total
+
+
+def cookie_value(header: str, name: str, limit: int):
+    """The first value of cookie ``name`` in a Cookie header (bounded), or None."""
+    if not header:
+        return None
+    for part in header[:MAX_COOKIE_HEADER].split(";"):
+        key, sep, value = part.strip().partition("=")
+        if sep and key == name:
+            value = value.strip().strip('"')
+            return value if 0 < len(value) <= limit else None
+    return None
+
+
+def _text(value) -> str:
+    return value.decode("latin-1") if isinstance(value, (bytes, bytearray)) else str(value)
+
+
+class _Wrapper:
+    """Shared get() shape: lookup -> hit, else the method's pick recorded as miss/repick."""
+
+    def __init__(self, balancer, cfg):
+        self.b = balancer
+        self.cfg = cfg
+        self.ttl = cfg.ttl or DEFAULT_TTL.get(cfg.kind, 3600.0)
+
+    def lookup(self, request, now):
+        """Known server index (-1 for a known server no longer configured) or None."""
+        return None
+
+    def record(self, request, pick, now) -> None:
+        pass
+
+    def get(self, request, tried, now):
+        b = self.b
+        known = self.lookup(request, now)
+        if (known is not None and known >= 0 and b.eligible(known, tried, now)
+                and not (b.servers[known].backup and b.primary_available(tried, now))):
+            pick = Pick(known, b.servers[known], b.sids[known], "hit")
+            pick.cookie_valid = True
+            return pick
+        index = b.pick_index(tried, now)
+        if index is None:
+            return None
+        pick = Pick(index, b.servers[index], b.sids[index], "miss" if known is None else "repick")
+        self.record(request, pick, now)
+        return pick
+
+    def response_headers(self, pick, request, response_headers) -> list:
+        return []
+
+
+class IpHash(_Wrapper):
+    """Client IP -> server, in a shared table with TTL and LRU (all workers agree)."""
+
+    def __init__(self, balancer, cfg):
+        super().__init__(balancer, cfg)
+        name = f"{balancer.upstream.name}:ip_hash:{cfg.table_size}"
+        self.table = balancer.state.table(name, cfg.table_size, self.ttl)
+
+    @staticmethod
+    def key(request) -> bytes:
+        ip = getattr(request, "client_ip", None) or ""
+        return ip[:MAX_IP].encode("ascii", "replace")
+
+    def lookup(self, request, now):
+        sid = self.table.get(self.key(request), now)
+        if sid is None:
+            return None
+        return self.b.index_of_sid.get(sid, -1)
+
+    def record(self, request, pick, now):
+        self.table.put(self.key(request), pick.sid, now)
+
+
+class InsertCookie(_Wrapper):
+    """mplb's own cookie naming the server (URL hash) with an HMAC; nothing stored."""
+
+    def __init__(self, balancer, cfg):
+        super().__init__(balancer, cfg)
+        secret = cfg.secret.encode() if cfg.secret else balancer.state.secret
+        self.secret = secret
+        self.name = cfg.cookie_name
+        self.by_token = {}
+        self.values = []
+        for i, server in enumerate(balancer.servers):
+            value = self.make_value(server.url)
+            self.values.append(value)
+            self.by_token[value] = i
+        self.limit = len(self.values[0]) if self.values else 0
+        self.attributes = f"; Path=/; HttpOnly; SameSite=Lax; Max-Age={int(self.ttl)}\r\n"
+
+    def make_value(self, url: str) -> str:
+        """token.mac: token names the server, mac proves we (or a twin) issued it."""
+        token = _b64(hashlib.blake2b(url.encode(), digest_size=TOKEN_BYTES).digest())
+        mac = hmac.new(self.secret, f"{self.name}|{token}".encode(), hashlib.sha256).digest()
+        return f"{token}.{_b64(mac[:MAC_BYTES])}"
+
+    def lookup(self, request, now):
+        header = request.header("cookie") if request is not None else None
+        value = cookie_value(header, self.name, self.limit)
+        if value is None:
+            return None
+        index = self.by_token.get(value)
+        if index is not None:
+            return index
+        token, _, mac = value.partition(".")
+        if self._verify(token, mac):
+            return -1                       # genuine, but its server is gone: repick
+        return None                         # forged/altered/garbage: a new client
+
+    def _verify(self, token, mac) -> bool:
+        expected = hmac.new(self.secret, f"{self.name}|{token}".encode(), hashlib.sha256).digest()
+        return hmac.compare_digest(_b64(expected[:MAC_BYTES]), mac)
+
+    def response_headers(self, pick, request, response_headers) -> list:
+        if pick.cookie_valid:
+            return []
+        line = f"Set-Cookie: {self.name}={self.values[pick.index]}{self.attributes}"
+        return [line.encode("latin-1")]
+
+
+class LearnCookie(_Wrapper):
+    """learn=COOKIE: the backend's session id -> server, learned from its Set-Cookie."""
+
+    def __init__(self, balancer, cfg):
+        super().__init__(balancer, cfg)
+        self.name = cfg.learn
+        self.lname = cfg.learn.lower()
+        table_name = f"{balancer.upstream.name}:learn:{cfg.learn}:{cfg.table_size}"
+        self.table = balancer.state.table(table_name, cfg.table_size, self.ttl)
+
+    def session(self, request):
+        header = request.header("cookie") if request is not None else None
+        value = cookie_value(header, self.name, MAX_SESSION_ID)
+        return None if value is None else value.encode("latin-1", "replace")
+
+    def lookup(self, request, now):
+        session = self.session(request)
+        if session is None:
+            return None
+        sid = self.table.get(session, now)
+        if sid is None:
+            return None
+        return self.b.index_of_sid.get(sid, -1)
+
+    def record(self, request, pick, now):
+        session = self.session(request)
+        if session is not None:                  # keep an unknown/moved session together
+            self.table.put(session, pick.sid, now)
+
+    def response_headers(self, pick, request, response_headers) -> list:
+        """Record session ids the backend sets; response_headers: (name, value) pairs."""
+        for name, value in response_headers or ():
+            if _text(name).lower() != "set-cookie":
+                continue
+            first = _text(value)[:MAX_COOKIE_HEADER].split(";", 1)[0]
+            key, sep, session = first.partition("=")
+            session = session.strip().strip('"')
+            if sep and key.strip() == self.name and 0 < len(session) <= MAX_SESSION_ID:
+                self.table.put(session.encode("latin-1", "replace"), pick.sid,
+                               self.b.clock())
+        return []
+
+
+_VAR = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
+
+
+class ConsistentHash(_Wrapper):
+    """ketama ring with weight-proportional virtual nodes; walk on to the next server."""
+
+    def __init__(self, balancer, cfg):
+        super().__init__(balancer, cfg)
+        self.parts = self._compile(cfg.key or "$uri")
+        points = []
+        for i in balancer.primary:
+            server = balancer.servers[i]
+            for j in range(max(1, server.weight) * VNODES_PER_WEIGHT // 4):
+                digest = hashlib.md5(f"{server.url}-{j}".encode()).digest()
+                points.extend((p, i) for p in struct.unpack("<4I", digest))
+        points.sort()
+        self.points = [p for p, _ in points]
+        self.owners = [i for _, i in points]
+        self.distinct = len(balancer.primary)
+
+    @staticmethod
+    def _compile(template: str) -> tuple:
+        parts, pos = [], 0
+        for m in _VAR.finditer(template):
+            if m.start() > pos:
+                parts.append((False, template[pos:m.start()]))
+            parts.append((True, m.group(1) or m.group(2)))
+            pos = m.end()
+        if pos < len(template):
+            parts.append((False, template[pos:]))
+        return tuple(parts)
+
+    def key(self, request) -> bytes:
+        out = []
+        for is_var, text in self.parts:
+            out.append((request.variable(text) or "") if is_var and request is not None
+                       else ("" if is_var else text))
+        return "".join(out)[:4096].encode("utf-8", "surrogateescape")
+
+    def ring_owner(self, key: bytes) -> int:
+        """Position on the ring of the first point at or after the key's hash."""
+        h = struct.unpack("<I", hashlib.md5(key).digest()[:4])[0]
+        pos = bisect.bisect_left(self.points, h)
+        return pos if pos < len(self.points) else 0
+
+    def get(self, request, tried, now):
+        b = self.b
+        if self.points:
+            pos = self.ring_owner(self.key(request))
+            seen = set()
+            n = len(self.points)
+            for step in range(n):
+                index = self.owners[(pos + step) % n]
+                if index in seen:
+                    continue
+                if b.eligible(index, tried, now):
+                    return Pick(index, b.servers[index], b.sids[index],
+                                "hit" if not seen else "repick")
+                seen.add(index)
+                if len(seen) == self.distinct:
+                    break
+        index = b.pick_index(tried, now)                 # only backups can be left
+        if index is None:
+            return None
+        return Pick(index, b.servers[index], b.sids[index], "repick")
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()

@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""Micro-benchmark: microseconds per pick (get + free) for each method and persistence.
+
+Runs against a real SharedState segment (as in a worker) unless --local is given.
+Iterations are bounded so it finishes in seconds:  python scripts/bench_pick.py [-n N]
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mplb.balancing import METHODS, init_upstream  # noqa: E402
+from mplb.config.model import Persistence, Upstream, UpstreamServer  # noqa: E402
+from mplb.shm import SharedState  # noqa: E402
+
+MODES = [("none", {}), ("ip_hash", {"ttl": 3600}), ("cookie", {}),
+         ("cookie learn", {"learn": "JSESSIONID", "ttl": 3600}), ("consistent_hash", {})]
+
+
+class Request:
+    __slots__ = ("client_ip", "cookie", "uri")
+
+    def __init__(self, i):
+        self.client_ip = f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}"
+        self.cookie = f"JSESSIONID=s{i}"
+        self.uri = f"/item/{i}"
+
+    def header(self, name):
+        return self.cookie if name == "cookie" else None
+
+    def variable(self, name):
+        return self.uri if name == "uri" else ""
+
+
+def bench(balancer, requests, n):
+    """Mean microseconds of get+free over n picks cycling through ``requests``."""
+    tried = frozenset()
+    count = len(requests)
+    start = time.perf_counter()
+    for i in range(n):
+        pick = balancer.get(requests[i % count], tried)
+        balancer.free(pick, False)
+    return (time.perf_counter() - start) / n * 1e6
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("-n", type=int, default=20000, help="picks per measurement")
+    parser.add_argument("--servers", type=int, default=8)
+    parser.add_argument("--local", action="store_true", help="shared=None (in-process)")
+    args = parser.parse_args()
+    servers = tuple(UpstreamServer(url=f"http://10.1.0.{i}:80", host=f"10.1.0.{i}", port=80,
+                                   address=f"10.1.0.{i}", weight=1 + i % 3, max_conns=1000)
+                    for i in range(1, args.servers + 1))
+    requests = [Request(i) for i in range(1000)]     # 1000 distinct clients: hits after warm-up
+    path = os.path.join(tempfile.gettempdir(), f"mplb.bench.{os.getpid()}")
+    shared = None if args.local else SharedState.create(path, max_workers=16,
+                                                        table_entries=400000)
+    try:
+        if shared is not None:
+            for slot in range(4):
+                shared.worker_started(slot, 1, 1)   # readers sum 4 worker slots
+        print(f"{args.servers} servers, {args.n} picks, "
+              f"{'in-process state' if shared is None else 'shared memory, 4 worker slots'}")
+        print(f"{'method':<22}" + "".join(f"{m:>17}" for m, _ in MODES) + "   (us/pick)")
+        for method in METHODS:
+            row = []
+            for kind, options in MODES:
+                persistence = Persistence(kind=kind.split()[0], **options)
+                upstream = Upstream(f"{method}-{kind}", method=method, servers=servers,
+                                    persistence=persistence)
+                balancer = init_upstream(upstream, shared, 0)
+                if options.get("learn"):
+                    for r in requests:                # the backend set these sessions
+                        p = balancer.get(r, frozenset())
+                        balancer.response_headers(p, r, [("Set-Cookie", r.cookie)])
+                        balancer.free(p, False)
+                bench(balancer, requests, min(args.n, 2000))          # warm up
+                row.append(min(bench(balancer, requests, args.n) for _ in range(3)))
+            print(f"{method:<22}" + "".join(f"{us:>17.2f}" for us in row))
+    finally:
+        if shared is not None:
+            shared.close()
+            shared.unlink()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""Packaging for mplb: the master side (mplb/) and the data plane (workers/)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="mplb",
+    version="0.1.0",
+    description="Multi-process pre-fork HTTP and WebSocket load balancer",
+    long_description=open("README.rst", encoding="utf-8").read(),
+    long_description_content_type="text/x-rst",
+    packages=find_packages(include=["mplb", "mplb.*", "workers", "workers.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "gevent>=23.9",
+        "httptools>=0.6",
+        "crossplane>=0.5.8",
+        "psutil>=5.9",
+        "setproctitle>=1.3",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=7",
+            "pytest-timeout>=2.1",
+            "hypothesis>=6",
+            "websocket-client>=1.6",
+            "websockets>=12",
+            "gevent-websocket>=0.10",
+            "playwright>=1.40",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "mplb = mplb.cli:main",
+            "mplb-stats = mplb.stats_cli:main",
+        ],
+    },
+    license="MIT",
+)

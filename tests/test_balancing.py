@@ -1,0 +1,173 @@
+"""Balancing methods and the shared eligibility filter (no sockets, injected clock)."""
+import os
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from mplb.balancing import init_upstream
+from mplb.config.model import Upstream, UpstreamServer
+from mplb.shm import SharedState
+
+
+def srv(port, weight=1, **kw):
+    return UpstreamServer(url=f"http://127.0.0.1:{port}", host="127.0.0.1", port=port,
+                          address="127.0.0.1", weight=weight, **kw)
+
+
+class Clock:
+    def __init__(self, t=1000.0):
+        self.t = t
+
+    def __call__(self):
+        return self.t
+
+
+@pytest.fixture
+def shared(tmp_path):
+    state = SharedState.create(str(tmp_path / f"mplb.{os.getpid()}"), max_workers=4,
+                               max_servers=64, table_entries=4096)
+    for slot in range(4):
+        state.worker_started(slot, 1000 + slot, 1)
+    yield state
+    state.close()
+    state.unlink()
+
+
+def picks(balancer, n, tried=frozenset()):
+    out = []
+    for _ in range(n):
+        pick = balancer.get(None, tried)
+        out.append(None if pick is None else pick.index)
+        balancer.free(pick, False)
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 6), min_size=1, max_size=6))
+def test_wrr_every_window_has_exact_shares(weights):
+    up = Upstream("b", servers=tuple(srv(8000 + i, w) for i, w in enumerate(weights)))
+    balancer = init_upstream(up, None, 0)
+    total = sum(weights)
+    seq = picks(balancer, 3 * total)
+    for start in range(len(seq) - total + 1):
+        window = seq[start:start + total]
+        assert [window.count(i) for i in range(len(weights))] == weights
+
+
+def test_wrr_is_smooth_not_bursty():
+    up = Upstream("b", servers=(srv(1, 5), srv(2, 1), srv(3, 1)))
+    assert picks(init_upstream(up, None, 0), 7) == [0, 0, 1, 0, 2, 0, 0]
+
+
+def test_round_robin_ignores_weights():
+    up = Upstream("b", method="round_robin", servers=(srv(1, 5), srv(2, 1), srv(3, 1)))
+    assert picks(init_upstream(up, None, 0), 6) == [0, 1, 2, 0, 1, 2]
+
+
+def test_least_connections_ties_rotate():
+    up = Upstream("b", method="least_conn", servers=(srv(1), srv(2), srv(3)))
+    assert picks(init_upstream(up, None, 0), 6) == [0, 1, 2, 0, 1, 2]
+
+
+def test_least_connections_counts_all_workers(shared):
+    up = Upstream("b", method="least_connections", servers=(srv(1), srv(2)))
+    w0, w1 = init_upstream(up, shared, 0), init_upstream(up, shared, 1)
+    a = w0.get(None, frozenset())
+    b = w1.get(None, frozenset())            # sees w0's connection on a
+    assert a.index != b.index
+    c = w0.get(None, frozenset())
+    d = w0.get(None, frozenset())
+    assert {c.index, d.index} == {0, 1}
+    assert shared.active_total(a.sid) == 2 and shared.active_total(b.sid) == 2
+    for p, w in ((a, w0), (c, w0), (d, w0)):
+        w.free(p, False)
+    assert shared.active_total(b.sid) == 1 and shared.active_total(a.sid) == 0
+    assert w0.get(None, frozenset()).index == a.index
+
+
+def test_least_connections_divides_by_weight(shared):
+    up = Upstream("b", method="least_connections", servers=(srv(1, 3), srv(2, 1)))
+    w0, w1 = init_upstream(up, shared, 0), init_upstream(up, shared, 1)
+    held = [w0.get(None, frozenset()) if i % 2 else w1.get(None, frozenset()) for i in range(8)]
+    assert [p.index for p in held].count(0) == 6       # 6/3 == 2/1
+
+
+def test_max_conns_across_workers(shared):
+    up = Upstream("b", servers=(srv(1, max_conns=1), srv(2, backup=True)))
+    w0, w1 = init_upstream(up, shared, 0), init_upstream(up, shared, 1)
+    first = w0.get(None, frozenset())
+    assert first.index == 0
+    assert w1.get(None, frozenset()).index == 1          # primary full in another worker
+    w0.free(first, False)
+    assert w1.get(None, frozenset()).index == 0
+
+
+def test_backup_only_when_no_primary():
+    up = Upstream("b", servers=(srv(1), srv(2), srv(3, backup=True)))
+    balancer = init_upstream(up, None, 0)
+    assert 2 not in picks(balancer, 10)
+    assert picks(balancer, 3, frozenset({0, 1})) == [2, 2, 2]
+    assert picks(balancer, 1, frozenset({0, 1, 2})) == [None]
+
+
+def test_down_servers_skipped():
+    up = Upstream("b", servers=(srv(1, down=True), srv(2)))
+    assert picks(init_upstream(up, None, 0), 4) == [1, 1, 1, 1]
+    up = Upstream("b", servers=(srv(1, down=True),))
+    assert picks(init_upstream(up, None, 0), 1) == [None]
+
+
+@pytest.mark.parametrize("use_shm", [False, True])
+def test_passive_failure_and_recovery(use_shm, shared):
+    clock = Clock()
+    up = Upstream("b", servers=(srv(1, max_fails=2, fail_timeout=10), srv(2)))
+    balancer = init_upstream(up, shared if use_shm else None, 0, clock=clock)
+    for _ in range(2):
+        pick = balancer.get(None, frozenset({1}))
+        assert pick.index == 0
+        balancer.free(pick, True)
+    assert picks(balancer, 4) == [1, 1, 1, 1]
+    assert picks(balancer, 1, frozenset({1})) == [None]
+    clock.t += 10.0
+    assert picks(balancer, 2) == [0, 1]                 # success after the window resets
+    clock.t += 100
+    pick = balancer.get(None, frozenset({1}))
+    balancer.free(pick, True)                           # one failure: below max_fails
+    assert picks(balancer, 2) == [0, 1]
+
+
+def test_failures_outside_window_do_not_accumulate():
+    clock = Clock()
+    up = Upstream("b", servers=(srv(1, max_fails=2, fail_timeout=10),))
+    balancer = init_upstream(up, None, 0, clock=clock)
+    balancer.free(balancer.get(None, frozenset()), True)
+    clock.t += 11
+    balancer.free(balancer.get(None, frozenset()), True)
+    assert picks(balancer, 1) == [0]
+
+
+def test_max_fails_zero_disables_accounting():
+    up = Upstream("b", servers=(srv(1, max_fails=0),))
+    balancer = init_upstream(up, None, 0)
+    for _ in range(5):
+        balancer.free(balancer.get(None, frozenset()), True)
+    assert picks(balancer, 1) == [0]
+
+
+def test_active_health_down_skipped(shared):
+    up = Upstream("b", servers=(srv(1), srv(2)))
+    balancer = init_upstream(up, shared, 0)
+    shared.set_health(balancer.sids[0], False)
+    assert picks(balancer, 3) == [1, 1, 1]
+    shared.set_health(balancer.sids[0], True)
+    assert sorted(picks(balancer, 2)) == [0, 1]
+
+
+def test_free_is_idempotent_and_counts(shared):
+    up = Upstream("b", servers=(srv(1),))
+    balancer = init_upstream(up, shared, 2)
+    pick = balancer.get(None, frozenset())
+    balancer.free(pick, True)
+    balancer.free(pick, True)
+    assert shared.active_total(pick.sid) == 0
+    assert shared.server_counters(pick.server.url)["failures"] == 1

@@ -1,0 +1,74 @@
+"""The access log: nginx's combined format plus upstream address, status and time.
+
+One line per request, and one line per tunnel when it ends (its duration and bytes).
+Lines are buffered per worker and flushed at least once a second and at exit.
+"""
+from __future__ import annotations
+
+import time
+
+
+def _quote(text: str) -> str:
+    """Escape what could forge a log line: quotes, backslashes, control bytes."""
+    out = []
+    for char in text:
+        code = ord(char)
+        if char in '"\\' or code < 0x20 or code >= 0x7f:
+            out.append("\\x%02X" % (code & 0xFF) if code < 0x100 else "?")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+class AccessLog:
+    """Buffered writer of access log lines for one worker."""
+
+    def __init__(self, path):
+        self.path = path
+        self.enabled = path is not None
+        self._file = None
+        self._lines = []
+        self._last_flush = time.monotonic()
+        if self.enabled:
+            self._file = open(path, "a", encoding="utf-8", errors="replace")
+
+    def _write(self, line):
+        self._lines.append(line)
+        now = time.monotonic()
+        if len(self._lines) >= 64 or now - self._last_flush >= 1.0:
+            self.flush()
+            self._last_flush = now
+
+    def _prefix(self, conn, request):
+        stamp = time.strftime("%d/%b/%Y:%H:%M:%S %z")
+        line = _quote(f"{request.method} {request.url.decode('latin-1')} HTTP/{request.version}")
+        return f'{conn.client_ip} - - [{stamp}] "{line}"'
+
+    def request(self, conn, request, status, sent, server, upstream_status):
+        referer = _quote(request.header("referer") or "-")
+        agent = _quote(request.header("user-agent") or "-")
+        upstream = server.hostport if server is not None else "-"
+        elapsed = time.monotonic() - getattr(conn, "request_started", time.monotonic())
+        self._write(f'{self._prefix(conn, request)} {status} {sent} "{referer}" "{agent}" '
+                    f'upstream={upstream} upstream_status={upstream_status or "-"} '
+                    f'request_time={elapsed:.3f}\n')
+
+    def tunnel(self, conn, request, server, duration, bytes_in, bytes_out):
+        if not self.enabled:
+            return
+        agent = _quote(request.header("user-agent") or "-")
+        self._write(f'{self._prefix(conn, request)} 101 {bytes_out} "-" "{agent}" '
+                    f'upstream={server.hostport} upstream_status=101 tunnel_time={duration:.3f} '
+                    f'bytes_in={bytes_in} bytes_out={bytes_out}\n')
+
+    def flush(self):
+        if self._file is not None and self._lines:
+            self._file.write("".join(self._lines))
+            self._file.flush()
+            self._lines.clear()
+
+    def reopen(self):
+        if self.enabled:
+            self.flush()
+            self._file.close()
+            self._file = open(self.path, "a", encoding="utf-8", errors="replace")

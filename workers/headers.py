@@ -1,0 +1,105 @@
+"""Rendering the request head sent upstream and the response head sent to the client.
+
+A ``HeadPlan`` is built once per location: which client headers to drop, which
+headers mplb adds (defaults overridden by ``proxy_set_header``), with every header
+whose value has no variable pre-rendered to bytes.  Per request the plan costs one
+pass over the client's headers and one ``join``.
+"""
+from __future__ import annotations
+
+# Hop-by-hop headers never forwarded in either direction (RFC 9110 section 7.6.1).
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+    b"transfer-encoding", b"upgrade", b"proxy-authenticate",
+})
+
+# Request headers mplb handles itself instead of forwarding.
+REQUEST_MANAGED = HOP_BY_HOP | {b"content-length", b"expect", b"host"}
+
+# Forwarded by default; ``proxy_set_header`` with the same name replaces the value.
+DEFAULT_SET_HEADERS = (
+    ("X-Forwarded-For", ((True, "proxy_add_x_forwarded_for"),)),
+    ("X-Forwarded-Proto", ((True, "scheme"),)),
+    ("X-Real-IP", ((True, "remote_addr"),)),
+)
+
+
+def connection_tokens(value: bytes) -> set:
+    """Lower-case tokens of a Connection header value."""
+    return {token.strip().lower() for token in value.split(b",") if token.strip()}
+
+
+def _render_parts(parts, request) -> bytes:
+    value = "".join(request.variable(text) if is_var else text for is_var, text in parts)
+    try:
+        return value.encode("latin-1")
+    except UnicodeEncodeError:      # a decoded $uri with characters beyond latin-1
+        return value.encode("utf-8")
+
+
+class HeadPlan:
+    """What one location does to request heads; immutable once built."""
+
+    def __init__(self, settings):
+        entries = {name.lower(): (name, parts) for name, parts in DEFAULT_SET_HEADERS}
+        self.host_parts = None             # None: forward the client's Host as sent
+        self.connection_close = False      # proxy_set_header Connection close
+        for template in settings.proxy_set_header:
+            key = template.name.lower()
+            if key == "host":
+                self.host_parts = template.parts
+                continue
+            if key == "connection":
+                # mplb owns the upstream connection: only an explicit "close" matters.
+                self.connection_close = template.literal.strip().lower() == "close"
+                continue
+            if key == "upgrade":
+                continue   # forwarded for upgrades only, from the client's own header
+            entries[key] = (template.name, template.parts)
+        self.http10 = settings.proxy_http_version == "1.0"
+        self.skip = frozenset(REQUEST_MANAGED | {key.encode("latin-1") for key in entries})
+        self.static = []                   # pre-rendered b"Name: value\r\n"
+        self.dynamic = []                  # (name bytes, parts)
+        for key, (name, parts) in entries.items():
+            if all(not is_var for is_var, _ in parts):
+                value = "".join(text for _, text in parts)
+                if value:
+                    self.static.append(f"{name}: {value}\r\n".encode("latin-1"))
+            else:
+                self.dynamic.append((name.encode("latin-1"), parts))
+        self.static_block = b"".join(self.static)
+        self.keepalive = not (self.http10 or self.connection_close)
+
+    def render(self, request, upstream_host: bytes, body_framing: bytes) -> bytes:
+        """The complete upstream request head, ready for one send."""
+        version = b"HTTP/1.0" if self.http10 else b"HTTP/1.1"
+        out = [request.method.encode("latin-1"), b" ", request.url, b" ", version, b"\r\n"]
+        if self.host_parts is not None:
+            out += [b"Host: ", _render_parts(self.host_parts, request), b"\r\n"]
+        else:
+            host = None
+            for name, value in request.headers:
+                if len(name) == 4 and name.lower() == b"host":
+                    host = value
+                    break
+            out += [b"Host: ", host if host is not None else upstream_host, b"\r\n"]
+        skip = self.skip
+        if request.connection_named:
+            # Headers that the client's Connection header names are hop-by-hop too.
+            skip = skip | request.connection_named
+        for name, value in request.headers:
+            if name.lower() not in skip:
+                out += [name, b": ", value, b"\r\n"]
+        out.append(self.static_block)
+        for name, parts in self.dynamic:
+            value = _render_parts(parts, request)
+            if value:
+                out += [name, b": ", value, b"\r\n"]
+        if request.is_upgrade:
+            out += [b"Upgrade: ", (request.header("upgrade") or "").encode("latin-1"),
+                    b"\r\nConnection: upgrade\r\n"]
+        elif not self.keepalive:
+            out.append(b"Connection: close\r\n")
+        out += [body_framing, b"\r\n"]
+        return b"".join(out)
+

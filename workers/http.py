@@ -1,0 +1,380 @@
+"""One client connection: parse requests with httptools and answer them in order.
+
+The parser callbacks only collect (uvicorn's split): they append Request objects to a
+queue and body chunks to the request being read.  The loop in ``serve`` does all
+I/O: after each ``feed_data`` it works through the queue, starting the upstream
+exchange when a head is complete, streaming body chunks as they arrive, and relaying
+the response once the request is complete.  Pipelined requests are thus answered in
+order, and no body is ever held whole in memory.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import time
+from collections import deque
+
+import httptools
+from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
+
+from workers.headers import connection_tokens
+from workers.proxy import ClientGone, UpstreamExchange
+from workers.request import BadRequest, Request
+from workers.responses import CONTINUE_100, local_response, redirect_response
+
+log = logging.getLogger("mplb.http")
+
+MAX_HEADERS = 256                  # more header lines than this is hostile: 431
+RECV_SIZE = 16384
+# Errors after which the connection's framing cannot be trusted: answer and close.
+CLOSING_STATUSES = frozenset({400, 408, 413, 414, 417, 431, 500, 502, 504})
+
+
+class CloseConnection(Exception):
+    """Stop serving this connection (after any response already written)."""
+
+
+class ClientConnection:
+    """State of one accepted client connection, served by one greenlet."""
+
+    def __init__(self, worker, sock, addr, listen):
+        self.worker = worker
+        self.sock = sock
+        self.listen = listen
+        self.client_ip = addr[0]
+        self.client_port = addr[1]
+        self.scheme = "https" if listen.ssl else "http"
+        self._server_addr = None
+        self.served = 0
+        self.queue = deque()
+        self.current = None
+        self.head_pending = 0          # head bytes fed since the current head began
+        self.exchange = None
+        self.handed_off = False        # the socket now belongs to a tunnel
+        self.parser = httptools.HttpRequestParser(self)
+
+    # -- addresses (variables) -------------------------------------------
+    def _local(self):
+        if self._server_addr is None:
+            self._server_addr = self.sock.getsockname()[:2]
+        return self._server_addr
+
+    @property
+    def server_ip(self):
+        return self._local()[0]
+
+    @property
+    def server_port(self):
+        return self._local()[1]
+
+    @property
+    def default_host(self):
+        return self.server_ip
+
+    @property
+    def idle(self) -> bool:
+        """Between requests: safe to close on graceful shutdown."""
+        current = self.current
+        return not self.queue and (current is None or current.complete) and not self.handed_off
+
+    # -- httptools callbacks ----------------------------------------------
+    def on_message_begin(self):
+        self.current = Request(self)
+        self.queue.append(self.current)
+
+    def on_url(self, url):
+        request = self.current
+        request.url += url
+        if len(request.url) > self.limits[1]:
+            raise BadRequest(414, "request line too long")
+
+    def on_header(self, name, value):
+        request = self.current
+        headers = request.headers
+        if len(name) + len(value) + 4 > self.limits[1] or len(headers) >= MAX_HEADERS:
+            raise BadRequest(431, "header too large")
+        headers.append((name, value))
+        request.head_size += len(name) + len(value) + 4
+        if request.head_size > self.limits[0] * self.limits[1]:
+            raise BadRequest(431, "headers too large")
+        if len(name) == 10 and name.lower() == b"connection":
+            tokens = connection_tokens(value)
+            named = tokens - {b"close", b"keep-alive", b"upgrade"}
+            request.connection_named = (request.connection_named or frozenset()) | named
+            if b"upgrade" in tokens:
+                request.is_upgrade = True    # confirmed in on_headers_complete
+        elif len(name) == 6 and name.lower() == b"expect":
+            if value.lower() != b"100-continue":
+                raise BadRequest(417, "unsupported expectation")
+            request.expect_continue = True
+        elif len(name) == 17 and name.lower() == b"transfer-encoding":
+            if value.strip().lower() != b"chunked" or request.chunked:
+                raise BadRequest(400, "unsupported transfer coding")
+            request.chunked = True
+        elif len(name) == 14 and name.lower() == b"content-length":
+            request.content_length = int(value)
+
+    def on_headers_complete(self):
+        request = self.current
+        parser = self.parser
+        request.headers_done = True
+        request.method = parser.get_method().decode("ascii")
+        request.version = parser.get_http_version()
+        request.keep_alive = parser.should_keep_alive()
+        request.is_upgrade = (request.is_upgrade and request.method == "GET"
+                              and request.version == "1.1"
+                              and any(len(n) == 7 and n.lower() == b"upgrade"
+                                      for n, _ in request.headers))
+        self.head_pending = 0
+
+    def on_body(self, body):
+        request = self.current
+        request.body_bytes += len(body)
+        request.body_chunks.append(body)
+
+    def on_message_complete(self):
+        self.current.complete = True
+
+    # -- the loop ----------------------------------------------------------
+    def serve(self):
+        """Serve requests until the client leaves, an error closes, or a tunnel takes over."""
+        worker = self.worker
+        self.limits = worker.default_limits(self.listen)
+        try:
+            self._serve()
+        except (CloseConnection, ClientGone):
+            pass
+        except (ConnectionError, socket.timeout, TimeoutError, OSError) as exc:
+            log.debug("client %s:%s closed: %s", self.client_ip, self.client_port, exc)
+        finally:
+            if self.exchange is not None:
+                self.exchange.abort()
+            if not self.handed_off:
+                self.sock.close()
+
+    def _serve(self):
+        sock = self.sock
+        buffer = bytearray(RECV_SIZE)
+        view = memoryview(buffer)
+        settings = self.worker.default_settings(self.listen)
+        head_deadline = time.monotonic() + settings.client_header_timeout
+        while True:
+            current = self.current
+            mid_head = current is not None and not current.headers_done
+            if current is not None and current.headers_done and not current.complete:
+                sock.settimeout(settings.client_body_timeout)
+            elif mid_head or not self.served:
+                remaining = head_deadline - time.monotonic()
+                if remaining <= 0:
+                    self._reply_error(408)
+                    return
+                sock.settimeout(remaining)
+            else:
+                sock.settimeout(settings.keepalive_timeout)
+            try:
+                count = sock.recv_into(buffer)
+            except socket.timeout:
+                if mid_head or current is not None and not current.complete:
+                    self._reply_error(408)
+                return
+            if not count:
+                return
+            if not mid_head:
+                head_deadline = time.monotonic() + settings.client_header_timeout
+            try:
+                self.parser.feed_data(view[:count])
+            except HttpParserUpgrade as upgrade:
+                self._start_upgrade(bytes(view[upgrade.args[0]:count]))
+                if self.handed_off:
+                    return
+                continue
+            except HttpParserCallbackError as exc:
+                error = exc.__context__
+                self._fail_parse(error.status if isinstance(error, BadRequest) else 400)
+                return
+            except HttpParserError:
+                self._fail_parse(400)
+                return
+            current = self.current
+            if current is not None and not current.headers_done:
+                # httptools buffers a partial header line itself: bound what it holds.
+                self.head_pending += count
+                if self.head_pending > (self.limits[0] + 1) * self.limits[1]:
+                    self._fail_parse(431)
+                    return
+            self._process()
+
+    def _fail_parse(self, status):
+        """Answer queued complete requests first, then the error, and close."""
+        while self.queue and self.queue[0].complete:
+            self._process_one(self.queue[0])
+        self.queue.clear()
+        self._reply_error(status)
+
+    def _reply_error(self, status):
+        try:
+            self.sock.sendall(local_response(status, keep_alive=False))
+        except OSError:
+            pass
+
+    # -- request processing ------------------------------------------------
+    def _process(self):
+        while self.queue and self.queue[0].headers_done:
+            if not self._process_one(self.queue[0]):
+                return
+
+    def _process_one(self, request) -> bool:
+        """Advance the first queued request; False when it needs more client data."""
+        if self.exchange is None:
+            self.exchange = self._begin(request)
+        exchange = self.exchange
+        limit = exchange.settings.client_max_body_size if exchange.settings else 0
+        if limit and request.body_bytes > limit:
+            exchange.abort()
+            self.exchange = LocalAnswer(self, 413)
+            exchange = self.exchange
+        if not request.complete and isinstance(exchange, LocalAnswer):
+            # Answer now rather than read a body nobody wants; the framing is lost.
+            exchange.finish(request, force_close=True)
+            raise CloseConnection()
+        if request.body_chunks:
+            exchange.send_body(request)
+        if not request.complete:
+            return False
+        keep_alive = exchange.finish(request)
+        self.queue.popleft()
+        self.exchange = None
+        self.served += 1
+        if not keep_alive:
+            raise CloseConnection()
+        return True
+
+    def _begin(self, request):
+        """Route the request and return its exchange (upstream, or local answer)."""
+        worker = self.worker
+        try:
+            uri = request.uri
+        except (ValueError, UnicodeDecodeError):
+            return LocalAnswer(self, 400)
+        if request.version == "1.1" and request.host == "" and request.header("host") is None:
+            return LocalAnswer(self, 400)
+        vserver, location = worker.router.route(self.listen.key, request.host, uri)
+        if location is None:
+            return LocalAnswer(self, 404, settings=vserver.settings)
+        settings = location.settings
+        self.limits = settings.large_client_header_buffers
+        if settings.access_rules and not self._allowed(settings.access_rules):
+            return LocalAnswer(self, 403, settings=settings)
+        limit = settings.client_max_body_size
+        if limit and (request.content_length or 0) > limit:
+            return LocalAnswer(self, 413, settings=settings)
+        if location.return_code is not None:
+            return LocalAnswer(self, location.return_code, settings=settings, location=location)
+        if location.status:
+            return StatusAnswer(self, settings)
+        if location.upstream is None:
+            return LocalAnswer(self, 404, settings=settings)
+        if request.expect_continue and not request.complete:
+            self.sock.sendall(CONTINUE_100)
+        return UpstreamExchange(self, request, location, worker)
+
+    def _allowed(self, rules):
+        ip = ipaddress.ip_address(self.client_ip)
+        for rule in rules:
+            if rule.matches(ip):
+                return rule.allow
+        return True
+
+    def keep_alive_after(self, request) -> bool:
+        """Whether the response to ``request`` may leave the connection open."""
+        return (request.keep_alive and not self.worker.stopping
+                and self.served + 1 < self.worker_keepalive_requests(request))
+
+    def worker_keepalive_requests(self, request):
+        exchange = self.exchange
+        settings = getattr(exchange, "settings", None) or self.worker.default_settings(self.listen)
+        return settings.keepalive_requests
+
+    # -- upgrades ------------------------------------------------------------
+    def _start_upgrade(self, client_pending):
+        """llhttp paused at an upgrade head: tunnel it, or serve what came back."""
+        if not self.queue:
+            raise CloseConnection()
+        request = self.queue[0]
+        request.complete = True
+        if not request.is_upgrade or self.exchange is None or \
+                not isinstance(self.exchange, UpstreamExchange):
+            # Not an upgrade by mplb's rule (or answered locally): answer and close.
+            if self.exchange is None:
+                self.exchange = self._begin(request)
+            self.exchange.finish(request, force_close=True)
+            raise CloseConnection()
+        exchange = self.exchange
+        self.exchange = None
+        self.queue.popleft()
+        tunnelled = exchange.finish_upgrade(request, client_pending)
+        if tunnelled:
+            self.handed_off = True
+            return
+        self.served += 1
+        # The backend refused the upgrade: carry on with a fresh parser.
+        if not self.keep_alive_after(request):
+            raise CloseConnection()
+        self.parser = httptools.HttpRequestParser(self)
+        self.current = None
+        if client_pending:
+            self.parser.feed_data(client_pending)
+            self._process()
+
+
+class LocalAnswer:
+    """An exchange answered by mplb itself (errors, ``return``)."""
+
+    def __init__(self, conn, status, settings=None, location=None):
+        self.conn = conn
+        self.status = status
+        self.settings = settings
+        self.location = location
+
+    def send_body(self, request):
+        request.body_chunks.clear()   # discarded: nobody upstream wants it
+
+    def finish(self, request, force_close=False) -> bool:
+        conn = self.conn
+        keep_alive = (not force_close and self.status not in CLOSING_STATUSES
+                      and conn.keep_alive_after(request))
+        head_only = request.method == "HEAD"
+        location = self.location
+        if location is not None and self.status in (301, 302, 303, 307, 308):
+            data = redirect_response(self.status, location.return_text,
+                                     keep_alive=keep_alive, head_only=head_only)
+        elif location is not None:
+            body = location.return_text.encode() if location.return_text else None
+            data = local_response(self.status, body, keep_alive=keep_alive, head_only=head_only)
+        else:
+            data = local_response(self.status, keep_alive=keep_alive, head_only=head_only)
+        conn.sock.sendall(data)
+        conn.worker.log_access(conn, request, self.status, len(data), None, None)
+        return keep_alive
+
+    def abort(self):
+        pass
+
+
+class StatusAnswer(LocalAnswer):
+    """The ``mplb_status`` location: statistics as JSON, Prometheus text or HTML."""
+
+    def __init__(self, conn, settings):
+        super().__init__(conn, 200, settings=settings)
+
+    def finish(self, request, force_close=False) -> bool:
+        conn = self.conn
+        keep_alive = not force_close and conn.keep_alive_after(request)
+        status, content_type, body = conn.worker.render_status(request)
+        data = local_response(status, body, keep_alive=keep_alive, content_type=content_type,
+                              extra=[b"Cache-Control: no-store\r\n"],
+                              head_only=request.method == "HEAD")
+        conn.sock.sendall(data)
+        conn.worker.log_access(conn, request, status, len(data), None, None)
+        return keep_alive

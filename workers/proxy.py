@@ -1,0 +1,510 @@
+"""One request forwarded upstream: pick, connect, send, relay the response.
+
+An ``UpstreamExchange`` is created when a request head is complete.  It picks a
+server through the upstream's balancer, takes a pooled connection (or connects,
+retrying other servers as ``proxy_next_upstream`` allows), sends the pre-rendered
+head in one write, streams body chunks as they arrive, and relays the response.
+Bodies with a Content-Length are copied without the parser once the head is out.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+
+from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
+
+from workers.headers import HOP_BY_HOP, connection_tokens
+from workers.responses import local_response, reason_phrase
+from workers.upstream import ConnectFailed
+
+log = logging.getLogger("mplb.proxy")
+
+MAX_RESPONSE_HEADERS = 256
+MAX_RESPONSE_HEAD = 65536
+RESPONSE_SKIP = HOP_BY_HOP | {b"content-length"}
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+
+class ClientGone(Exception):
+    """Writing to the client failed: nothing more can be said on this connection."""
+
+
+class UpstreamFailed(Exception):
+    """The upstream exchange failed before the response head reached the client."""
+
+    def __init__(self, status, reason, retryable=False, kind="error"):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.retryable = retryable
+        self.kind = kind          # the proxy_next_upstream condition this failure is
+
+
+class ResponseHead:
+    """httptools callbacks for one upstream response; they only collect."""
+
+    __slots__ = ("parser", "status", "status_text", "headers", "headers_done", "complete",
+                 "body", "head_size", "keep_alive", "content_length", "chunked",
+                 "connection_named", "upgrade")
+
+    def __init__(self):
+        self.parser = HttpResponseParser(self)
+        self.on_message_begin()
+
+    def on_message_begin(self):
+        self.status = 0
+        self.status_text = b""
+        self.headers = []
+        self.headers_done = False
+        self.complete = False
+        self.body = []
+        self.head_size = 0
+        self.keep_alive = False
+        self.content_length = None     # raw bytes of the Content-Length value
+        self.chunked = False
+        self.connection_named = None   # extra hop-by-hop names from Connection
+        self.upgrade = None
+
+    def on_status(self, text):
+        self.status_text += text
+
+    def on_header(self, name, value):
+        self.head_size += len(name) + len(value) + 4
+        if len(self.headers) >= MAX_RESPONSE_HEADERS or self.head_size > MAX_RESPONSE_HEAD:
+            raise ValueError("upstream response head too large")
+        self.headers.append((name, value))
+        size = len(name)
+        if size in (7, 10, 14, 17):
+            lname = name.lower()
+            if lname == b"content-length":
+                self.content_length = value
+            elif lname == b"transfer-encoding":
+                self.chunked = True
+            elif lname == b"connection":
+                named = connection_tokens(value) - {b"close", b"keep-alive", b"upgrade"}
+                if named:
+                    self.connection_named = named
+            elif lname == b"upgrade":
+                self.upgrade = value
+
+    def on_headers_complete(self):
+        self.headers_done = True
+        self.status = self.parser.get_status_code()
+        self.keep_alive = self.parser.should_keep_alive()
+
+    def on_body(self, body):
+        self.body.append(body)
+
+    def on_message_complete(self):
+        self.complete = True
+
+
+class UpstreamExchange:
+    """A request on its way to an upstream server and its response on the way back."""
+
+    def __init__(self, conn, request, location, worker):
+        self.conn = conn
+        self.worker = worker
+        self.location = location
+        self.settings = location.settings
+        self.plan = worker.head_plan(location)
+        self.upstream = worker.config.upstreams[location.upstream]
+        self.balancer = worker.balancers[location.upstream]
+        self.pick = None
+        self.sock = None
+        self.reused = False
+        self.tried = set()
+        self.failure = None          # UpstreamFailed before anything reached the client
+        self.body_sent = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.request = request
+        self.last_server = None
+        if request.chunked and self.plan.http10:
+            self.failure = UpstreamFailed(411, "chunked body to an HTTP/1.0 upstream")
+            return
+        framing = b""
+        if request.content_length is not None:
+            framing = b"Content-Length: %d\r\n" % request.content_length
+        elif request.chunked:
+            framing = b"Transfer-Encoding: chunked\r\n"
+        self.framing = framing
+        self._connect_and_send()
+
+    # -- connecting ------------------------------------------------------------
+    def _connect_and_send(self):
+        """Pick and connect, moving on to other servers as proxy_next_upstream allows."""
+        settings = self.settings
+        next_upstream = settings.proxy_next_upstream
+        max_tries = settings.proxy_next_upstream_tries or len(self.upstream.servers)
+        request = self.request
+        while True:
+            pick = self.balancer.get(request, frozenset(self.tried))
+            if pick is None:
+                if self.failure is None:
+                    self.failure = UpstreamFailed(502, "no live upstreams")
+                    log.error('no live upstreams while connecting to upstream "%s", client: %s',
+                              self.upstream.name, self.conn.client_ip)
+                return
+            self.tried.add(pick.index)
+            try:
+                self._open(pick)
+                return
+            except ConnectFailed as exc:
+                self.balancer.free(pick, True)
+                kind = "timeout" if exc.timed_out else "error"
+                status = 504 if exc.timed_out else 502
+                self.failure = UpstreamFailed(status, str(exc))
+                log.error("connect() to %s failed (%s) while connecting to upstream, client: %s",
+                          pick.server.hostport, exc, self.conn.client_ip)
+                if kind not in next_upstream or len(self.tried) >= max_tries:
+                    return
+
+    def _open(self, pick):
+        """Connect to the picked server and send the head (once more on a stale reuse)."""
+        worker = self.worker
+        server = pick.server
+        head = self.plan.render(self.request, server.hostport.encode(), self.framing)
+        for _ in range(2):
+            sock, reused = worker.pool.acquire(server, self.settings.proxy_connect_timeout)
+            try:
+                sock.settimeout(self.settings.proxy_send_timeout)
+                sock.sendall(head)
+            except OSError as exc:
+                sock.close()
+                if reused:
+                    continue
+                raise ConnectFailed(f"send failed: {exc}")
+            self.pick, self.sock, self.reused = pick, sock, reused
+            self.head = head
+            self.bytes_in += len(head)
+            self.failure = None
+            return
+        raise ConnectFailed("upstream closed the connection")
+
+    # -- request body ------------------------------------------------------------
+    def send_body(self, request):
+        chunks = request.body_chunks
+        if self.failure is not None or self.sock is None:
+            chunks.clear()
+            return
+        if request.chunked:
+            data = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for chunk in chunks)
+        else:
+            data = b"".join(chunks)
+        chunks.clear()
+        try:
+            self.sock.settimeout(self.settings.proxy_send_timeout)
+            self.sock.sendall(data)
+        except socket.timeout:
+            self._fail_midway(504, "upstream timed out while sending request")
+        except OSError as exc:
+            self._fail_midway(502, f"upstream failed while sending request: {exc}")
+        self.body_sent += len(data)
+        self.bytes_in += len(data)
+
+    def _fail_midway(self, status, reason):
+        self.failure = UpstreamFailed(status, reason)
+        self._release(failed=True, reusable=False)
+
+    # -- response ----------------------------------------------------------------
+    def finish(self, request, force_close=False) -> bool:
+        """Relay the response; return whether the client connection stays open."""
+        conn = self.conn
+        if self.failure is None and request.chunked and self.sock is not None:
+            try:
+                self.sock.sendall(b"0\r\n\r\n")
+            except OSError as exc:
+                self._fail_midway(502, f"upstream failed: {exc}")
+        while True:
+            if self.failure is not None:
+                return self._answer_failure(request)
+            try:
+                return self._relay(request, force_close)
+            except UpstreamFailed as exc:
+                self._release(failed=exc.status != 0, reusable=False)
+                self.failure = exc
+                if exc.retryable and self._may_retry(request, exc):
+                    self.failure = None
+                    self._connect_and_send()
+
+    def _may_retry(self, request, exc) -> bool:
+        """proxy_next_upstream: only before the client saw anything, never replaying a body."""
+        if self.body_sent or request.content_length or request.chunked:
+            return False
+        max_tries = self.settings.proxy_next_upstream_tries or len(self.upstream.servers)
+        return exc.kind in self.settings.proxy_next_upstream and len(self.tried) < max_tries
+
+    def _answer_failure(self, request) -> bool:
+        failure = self.failure
+        conn = self.conn
+        log.error("%s, client: %s, request: \"%s %s\"", failure.reason, conn.client_ip,
+                  request.method, request.url.decode("latin-1", "replace"))
+        data = local_response(failure.status, keep_alive=False,
+                              head_only=request.method == "HEAD")
+        try:
+            conn.sock.sendall(data)
+        except OSError:
+            raise ClientGone()
+        self.worker.log_access(conn, request, failure.status, len(data), self, None)
+        return False
+
+    def _read_head(self, request, buffer, view):
+        """Read until the response head is complete; returns (ResponseHead, bytes read)."""
+        sock = self.sock
+        response = ResponseHead()
+        sock.settimeout(self.settings.proxy_read_timeout)
+        received = 0
+        while True:
+            try:
+                count = sock.recv_into(buffer)
+            except socket.timeout:
+                raise UpstreamFailed(504, "upstream timed out while reading response header",
+                                     retryable=True, kind="timeout")
+            except OSError as exc:
+                raise UpstreamFailed(502, f"upstream reset while reading response header ({exc})",
+                                     retryable=True)
+            if not count:
+                raise UpstreamFailed(502, "upstream prematurely closed connection while "
+                                          "reading response header", retryable=True)
+            received += count
+            try:
+                response.parser.feed_data(view[:count])
+            except HttpParserUpgrade as upgrade:
+                return response, received, bytes(view[upgrade.args[0]:count])
+            except (HttpParserError, ValueError) as exc:
+                raise UpstreamFailed(502, f"upstream sent invalid response ({exc})")
+            if response.headers_done:
+                if 100 <= response.status < 200:
+                    if response.status == 101:
+                        raise UpstreamFailed(502, "upstream sent 101 without an upgrade")
+                    response.on_message_begin()
+                    continue
+                return response, received, None
+            if received > MAX_RESPONSE_HEAD + len(buffer):
+                raise UpstreamFailed(502, "upstream sent too big header")
+
+    def _relay(self, request, force_close) -> bool:
+        worker = self.worker
+        conn = self.conn
+        buffer = worker.take_buffer()
+        try:
+            view = memoryview(buffer)
+            if self.reused:
+                try:
+                    response, received, _ = self._read_head(request, buffer, view)
+                except UpstreamFailed as exc:
+                    if not exc.retryable or exc.status == 504 or self.body_sent:
+                        raise
+                    # A stale pooled connection: once more on a fresh connection.
+                    self.sock.close()
+                    self.sock = None
+                    self.reused = False
+                    self._reconnect_same()
+                    response, received, _ = self._read_head(request, buffer, view)
+            else:
+                response, received, _ = self._read_head(request, buffer, view)
+            status = response.status
+            if status in (502, 503, 504):
+                failure = UpstreamFailed(status, f"upstream answered {status}", retryable=True,
+                                         kind=f"http_{status}")
+                if self._may_retry(request, failure):
+                    raise failure
+            return self._relay_body(request, response, received, buffer, view, force_close)
+        finally:
+            worker.give_buffer(buffer)
+
+    def _reconnect_same(self):
+        pick = self.pick
+        try:
+            self._open(pick)
+        except ConnectFailed as exc:
+            raise UpstreamFailed(502, str(exc), retryable=True)
+
+    def _relay_body(self, request, response, received, buffer, view, force_close) -> bool:
+        conn = self.conn
+        status = response.status
+        head_only = request.method == "HEAD" or status in (204, 304)
+        length = response.content_length
+        chunked_up = response.chunked
+        keep_client = not force_close and conn.keep_alive_after(request)
+        if head_only:
+            framing = b"Content-Length: %s\r\n" % length if length is not None else b""
+        elif length is not None and not chunked_up:
+            framing = b"Content-Length: %s\r\n" % length
+        elif request.version == "1.1":
+            framing = b"Transfer-Encoding: chunked\r\n"
+        else:
+            framing = b""
+            keep_client = False
+        rechunk = framing.startswith(b"Transfer")
+        extra = self.balancer.response_headers(self.pick, request, response.headers)
+        head = render_response_head(response, framing, extra, keep_client)
+        body = b"".join(response.body)
+        response.body.clear()
+        self.bytes_out += received
+        sent = len(head)
+        out = head + (b"%x\r\n%s\r\n" % (len(body), body) if rechunk and body else body)
+        if head_only or response.complete:
+            if rechunk and not head_only:
+                out += b"0\r\n\r\n"
+            self._send_client(out)
+            response.complete = True
+            return self._done(request, response, keep_client, sent + len(body))
+        self._send_client(out)
+        sent += len(body)
+        if length is not None and not chunked_up:
+            remaining = int(length) - len(body)
+            return self._copy_counted(request, response, remaining, buffer, view,
+                                      keep_client, sent)
+        return self._copy_parsed(request, response, rechunk, buffer, view, keep_client, sent)
+
+    def _copy_counted(self, request, response, remaining, buffer, view, keep_client, sent):
+        """A Content-Length body: copy exactly ``remaining`` bytes, no parsing."""
+        sock = self.sock
+        client = self.conn.sock
+        size = len(buffer)
+        while remaining > 0:
+            try:
+                count = sock.recv_into(buffer, min(size, remaining))
+            except OSError:
+                count = 0
+            if not count:
+                return self._truncated(request, response, sent)
+            remaining -= count
+            self.bytes_out += count
+            self._send_client(view[:count])
+            sent += count
+        return self._done(request, response, keep_client, sent)
+
+    def _copy_parsed(self, request, response, rechunk, buffer, view, keep_client, sent):
+        """A chunked or read-until-close body: let the parser find its end."""
+        sock = self.sock
+        parser = response.parser
+        while not response.complete:
+            try:
+                count = sock.recv_into(buffer)
+            except OSError:
+                count = 0
+            if not count:
+                if response.chunked:
+                    return self._truncated(request, response, sent)
+                # A read-until-close body: the backend's close is its end.
+                if rechunk:
+                    self._send_client(b"0\r\n\r\n")
+                response.keep_alive = False
+                return self._done(request, response, keep_client, sent)
+            self.bytes_out += count
+            try:
+                parser.feed_data(view[:count])
+            except HttpParserError:
+                return self._truncated(request, response, sent)
+            if response.body:
+                data = b"".join(response.body)
+                response.body.clear()
+                out = b"%x\r\n%s\r\n" % (len(data), data) if rechunk else data
+                self._send_client(out)
+                sent += len(data)
+        if rechunk:
+            self._send_client(b"0\r\n\r\n")
+        return self._done(request, response, keep_client, sent)
+
+    def _send_client(self, data):
+        client = self.conn.sock
+        try:
+            client.settimeout(self.settings.client_body_timeout)
+            client.sendall(data)
+        except OSError:
+            self._release(failed=False, reusable=False)
+            raise ClientGone()
+
+    def _truncated(self, request, response, sent) -> bool:
+        """The backend died mid-body: close the client so it sees the truncation."""
+        log.error("upstream prematurely closed connection while reading upstream, client: %s",
+                  self.conn.client_ip)
+        self._release(failed=True, reusable=False)
+        self.worker.log_access(self.conn, request, response.status, sent, self, response)
+        return False
+
+    def _done(self, request, response, keep_client, sent) -> bool:
+        reusable = (response.keep_alive and response.complete and self.plan.keepalive
+                    and self.upstream.keepalive > 0)
+        self._release(failed=False, reusable=reusable)
+        self.worker.log_access(self.conn, request, response.status, sent, self, response)
+        return keep_client
+
+    def _release(self, failed, reusable):
+        """Give the connection back (or close it) and tell the balancer, once."""
+        pick, sock = self.pick, self.sock
+        self.sock = None
+        if sock is not None:
+            if reusable:
+                self.worker.pool.release(pick.server, sock, self.upstream.keepalive)
+            else:
+                sock.close()
+        if pick is not None:
+            self.pick = None
+            self.balancer.free(pick, failed)
+            self.worker.count_exchange(pick.server, self.bytes_in, self.bytes_out)
+            self.last_server = pick.server
+
+    def abort(self):
+        self._release(failed=False, reusable=False)
+
+    # -- upgrades ------------------------------------------------------------------
+    def finish_upgrade(self, request, client_pending) -> bool:
+        """Relay the backend's answer to an upgrade; True when a tunnel took over."""
+        from workers.tunnel import start_tunnel
+        if self.failure is not None:
+            self._answer_failure(request)
+            return False
+        worker = self.worker
+        buffer = worker.take_buffer()
+        try:
+            try:
+                response, received, backend_pending = self._read_head(
+                    request, buffer, memoryview(buffer))
+            except UpstreamFailed as exc:
+                self._release(failed=True, reusable=False)
+                self.failure = exc
+                self._answer_failure(request)
+                return False
+            if backend_pending is None or response.status != 101:
+                return self._relay_body(request, response, received, buffer,
+                                        memoryview(buffer), False) and False
+        finally:
+            worker.give_buffer(buffer)
+        pick = self.pick
+        extra = self.balancer.response_headers(pick, request, response.headers)
+        head = render_response_head(response, b"", extra, None, upgrade=True)
+        self._send_client(head)
+        self.bytes_out += received
+        worker.log_upgrade(self.conn, request, self.upstream, pick)
+        sock, self.sock, self.pick = self.sock, None, None
+        worker.open_tunnel(self.conn, request, sock, pick, self.balancer, self.settings,
+                           client_pending, backend_pending, self.bytes_in, self.bytes_out,
+                           start_tunnel)
+        return True
+
+
+def render_response_head(response, framing, extra, keep_client, upgrade=False) -> bytes:
+    """The client-facing response head: hop-by-hop removed, framing and cookies added."""
+    status = response.status
+    text = response.status_text or reason_phrase(status).encode()
+    out = [b"HTTP/1.1 %d " % status, text, b"\r\n"]
+    skip = RESPONSE_SKIP
+    if response.connection_named:
+        skip = skip | response.connection_named
+    for name, value in response.headers:
+        if name.lower() not in skip:
+            out += [name, b": ", value, b"\r\n"]
+    if upgrade:
+        out += [b"Upgrade: ", response.upgrade or b"websocket",
+                b"\r\nConnection: upgrade\r\n"]
+    else:
+        out.append(framing)
+    out += extra
+    if keep_client is not None:
+        out.append(b"Connection: keep-alive\r\n" if keep_client else b"Connection: close\r\n")
+    out.append(b"\r\n")
+    return b"".join(out)

@@ -1,0 +1,161 @@
+"""One client request as the parser saw it, and the variables nginx users expect.
+
+Header values stay bytes as received; strings are made only for what routing,
+balancing or a ``proxy_set_header`` template actually asks for.
+"""
+from __future__ import annotations
+
+from urllib.parse import unquote
+
+from workers.uri import normalize_path
+
+
+class BadRequest(Exception):
+    """The request is malformed in a way the parser cannot see (400 unless told)."""
+
+    def __init__(self, status=400, reason="bad request"):
+        super().__init__(reason)
+        self.status = status
+
+
+class Request:
+    """Parsed request head plus body progress; built by the parser callbacks."""
+
+    __slots__ = (
+        "method", "url", "version", "headers", "keep_alive", "upgrade",
+        "body_chunks", "body_bytes", "headers_done", "complete", "content_length",
+        "chunked", "expect_continue", "conn", "_by_name", "_path", "_args", "_uri",
+        "_host", "is_upgrade", "head_size", "connection_named",
+    )
+
+    def __init__(self, conn):
+        self.conn = conn               # the ClientConnection (addresses, scheme)
+        self.method = ""
+        self.url = b""
+        self.version = "1.1"
+        self.headers = []              # [(name bytes, value bytes)] as received
+        self.keep_alive = True
+        self.upgrade = False           # llhttp saw Connection: upgrade + Upgrade
+        self.is_upgrade = False        # mplb's rule: GET, 1.1, upgrade token, Upgrade header
+        self.body_chunks = []
+        self.body_bytes = 0
+        self.headers_done = False
+        self.complete = False
+        self.content_length = None
+        self.chunked = False
+        self.expect_continue = False
+        self.head_size = 0
+        self.connection_named = None   # extra hop-by-hop names from Connection
+        self._by_name = None
+        self._path = None
+        self._args = None
+        self._uri = None
+        self._host = None
+
+    # -- headers ---------------------------------------------------------
+    def header_map(self):
+        """Lower-case name -> value string, duplicates joined as HTTP allows."""
+        if self._by_name is None:
+            by_name = {}
+            for name, value in self.headers:
+                key = name.decode("latin-1").lower()
+                text = value.decode("latin-1")
+                if key in by_name:
+                    by_name[key] += ("; " if key == "cookie" else ", ") + text
+                else:
+                    by_name[key] = text
+            self._by_name = by_name
+        return self._by_name
+
+    def header(self, name_lower):
+        return self.header_map().get(name_lower)
+
+    @property
+    def client_ip(self):
+        return self.conn.client_ip
+
+    # -- URI -------------------------------------------------------------
+    def _split_url(self):
+        raw = self.url.decode("latin-1")
+        if raw.startswith(("http://", "https://")):
+            rest = raw.split("://", 1)[1]
+            slash = rest.find("/")
+            raw = rest[slash:] if slash >= 0 else "/"
+        path, _, args = raw.partition("?")
+        self._path = path
+        self._args = args
+
+    @property
+    def args(self):
+        if self._args is None:
+            self._split_url()
+        return self._args
+
+    @property
+    def uri(self):
+        """Decoded, normalised path used for location matching ($uri)."""
+        if self._uri is None:
+            if self._path is None:
+                self._split_url()
+            path = self._path
+            if "%" in path or "/." in path or "//" in path:
+                path = normalize_path(unquote(path, errors="strict")
+                                      if "%" in path else path)
+            self._uri = path
+        return self._uri
+
+    @property
+    def host(self):
+        """$host: request-line host, else Host header, lower case, without port."""
+        if self._host is None:
+            host = ""
+            raw = self.url
+            if raw.startswith((b"http://", b"https://")):
+                host = raw.split(b"://", 1)[1].split(b"/", 1)[0].decode("latin-1")
+            else:
+                for name, value in self.headers:
+                    if len(name) == 4 and name.lower() == b"host":
+                        host = value.decode("latin-1")
+                        break
+            host = host.strip().lower()
+            if host.startswith("["):
+                host = host[:host.find("]") + 1]
+            else:
+                host = host.partition(":")[0]
+            self._host = host.rstrip(".")
+        return self._host
+
+    # -- variables -------------------------------------------------------
+    def variable(self, name):
+        """The value of ``$name`` as nginx defines it (empty string when unset)."""
+        getter = VARIABLES.get(name)
+        if getter is not None:
+            return getter(self)
+        if name.startswith("http_"):
+            return self.header(name[5:].replace("_", "-")) or ""
+        return ""
+
+
+def _forwarded_for(request):
+    previous = request.header("x-forwarded-for")
+    ip = request.conn.client_ip
+    return f"{previous}, {ip}" if previous else ip
+
+
+def _host_variable(request):
+    return request.host or request.conn.default_host
+
+
+VARIABLES = {
+    "host": _host_variable,
+    "remote_addr": lambda r: r.conn.client_ip,
+    "remote_port": lambda r: str(r.conn.client_port),
+    "server_addr": lambda r: r.conn.server_ip,
+    "server_port": lambda r: str(r.conn.server_port),
+    "scheme": lambda r: r.conn.scheme,
+    "request_method": lambda r: r.method,
+    "request_uri": lambda r: r.url.decode("latin-1"),
+    "uri": lambda r: r.uri,
+    "args": lambda r: r.args,
+    "proxy_add_x_forwarded_for": _forwarded_for,
+}

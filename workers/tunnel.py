@@ -1,0 +1,503 @@
+"""Upgrade tunnels (WebSocket): callback-driven byte relay on the gevent loop.
+
+Why callbacks and not two greenlets per tunnel: thousands of idle tunnels must cost
+almost nothing.  A tunnel is a small object with one libev io watcher per socket;
+reads go into ONE buffer shared by every tunnel of the worker (callbacks run one at a
+time) and are sent on at once.  Only when a peer's send would block is the unsent tail
+kept (bounded by the read size) and the other side's reading paused (backpressure)
+until it drains.  One periodic sweep timer per worker handles idle/send timeouts,
+keepalive pings and half-close lingering for all tunnels.
+
+With keepalive off the tunnel never parses frames; with it on, workers.wsframes
+tracks frame boundaries so mplb can inject Ping/Close frames between frames.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import _socket
+import ssl
+import struct
+import time
+
+import gevent
+
+from workers.wsframes import (CLOSE_GOING_AWAY, OP_CLOSE, OP_PING, PING_MAGIC,
+                              FrameTracker, ProtocolError, build_frame, close_payload)
+
+log = logging.getLogger("mplb.tunnel")
+
+READ, WRITE = 1, 2
+BUF_SIZE = 64 * 1024            # one shared read buffer per worker
+READS_PER_WAKEUP = 8            # fairness: at most 8 reads per io callback
+HALF_CLOSE_LINGER = 5.0         # after one EOF, close once the other way is silent this long
+SPLICE_MIN = BUF_SIZE           # a read that fills the buffer marks a flow as bulk
+PIPE_IDLE = 10.0                # an idle bulk flow gives its pipe back after this long
+SPLICE_FLAGS = getattr(os, "SPLICE_F_NONBLOCK", 0) | getattr(os, "SPLICE_F_MOVE", 0)
+# Measured by scripts/bench_relay.py (see its docstring): decides the keepalive-off path.
+USE_SPLICE = False
+
+_WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError,
+                ssl.SSLWantWriteError)
+_buf = bytearray(BUF_SIZE)
+_view = memoryview(_buf)
+_live: set = set()              # live tunnels of this worker process
+_sweep = {"timer": None, "period": 0.0}
+_token = {"pid": 0, "value": b""}
+
+
+def start_tunnel(client_sock, backend_sock, client_pending: bytes, backend_pending: bytes,
+                 settings, on_close, *, use_splice: bool | None = None) -> "Tunnel":
+    """Take ownership of both sockets and relay until either side is done."""
+    tunnel = Tunnel(client_sock, backend_sock, settings, on_close,
+                    USE_SPLICE if use_splice is None else use_splice)
+    tunnel.start(client_pending, backend_pending)
+    return tunnel
+
+
+def live_tunnel_count() -> int:
+    return len(_live)
+
+
+def close_all_tunnels(reason: str = "shutdown", code: int = CLOSE_GOING_AWAY) -> int:
+    """Close every live tunnel of this worker (graceful-stop deadline, fast stop)."""
+    tunnels = list(_live)
+    for tunnel in tunnels:
+        tunnel.close(reason, code=code, best_effort=True)
+    return len(tunnels)
+
+
+def _worker_token() -> bytes:
+    """Random per-process ping prefix so chained mplbs never eat each other's pongs."""
+    if _token["pid"] != os.getpid():
+        _token["pid"], _token["value"] = os.getpid(), PING_MAGIC + os.urandom(4)
+    return _token["value"]
+
+
+class _End:
+    """One side of the tunnel: its socket, io watcher, and keepalive state."""
+
+    __slots__ = ("name", "sock", "fd", "ssl", "watcher", "events", "rx", "tx",
+                 "last_rx", "ping_at", "masked")
+
+    def __init__(self, name, sock, masked):
+        self.name = name
+        self.masked = masked          # frames we inject toward this side are masked
+        self.ssl = getattr(sock, "_sslobj", None)
+        if self.ssl is not None:      # TLS: keep the SSL object, drive it non-blocking
+            sock.settimeout(0.0)
+            self.sock = sock
+            self.fd = sock.fileno()
+        else:                         # plain: drop gevent's wrapper and its watchers
+            fd = sock.detach()
+            self.sock = _socket.socket(fileno=fd)   # unpatched C socket: no watchers
+            self.sock.setblocking(False)
+            self.fd = fd
+        self.watcher = None
+        self.events = 0
+        self.rx = self.tx = 0
+        self.last_rx = time.monotonic()
+        self.ping_at = 0.0
+
+    def recv_into(self, view) -> int:
+        if self.ssl is None:
+            return self.sock.recv_into(view)
+        try:
+            return self.ssl.read(len(view), view)
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            return 0
+
+    def send(self, data) -> int:
+        n = self.sock.send(data) if self.ssl is None else self.ssl.write(data)
+        self.tx += n
+        return n
+
+    def has_buffered(self) -> bool:
+        return self.ssl is not None and self.ssl.pending() > 0
+
+
+class _Flow:
+    """One direction: bytes read from `src` go to `dst`."""
+
+    __slots__ = ("src", "dst", "tail", "eof", "shut", "stall", "tracker", "pipe",
+                 "inpipe", "pipe_used", "splice")
+
+    def __init__(self, src, dst, tracker, splice):
+        self.src, self.dst = src, dst
+        self.tail = None              # unsent bytes waiting for dst to drain
+        self.eof = False              # src sent EOF (or failed)
+        self.shut = False             # dst got shutdown(SHUT_WR)
+        self.stall = 0.0              # when the pending write last made progress
+        self.tracker = tracker
+        self.splice = splice          # allowed to use a pipe for bulk moves
+        self.pipe = None              # (r, w) created lazily for bulk flows
+        self.inpipe = 0
+        self.pipe_used = 0.0
+
+    def blocked(self) -> bool:
+        return self.tail is not None or self.inpipe > 0
+
+
+class Tunnel:
+    """A live upgrade tunnel; see module docstring."""
+
+    __slots__ = ("client", "backend", "up", "down", "settings", "on_close", "closed",
+                 "reason", "backend_failed", "framing", "half_at", "seq", "__weakref__")
+
+    def __init__(self, client_sock, backend_sock, settings, on_close, use_splice):
+        self.settings = settings
+        self.on_close = on_close
+        self.framing = bool(settings.proxy_websocket_keepalive)
+        self.client = _End("client", client_sock, masked=False)
+        self.backend = _End("backend", backend_sock, masked=True)
+        splice = use_splice and not self.framing and hasattr(os, "splice")
+        prefix = _worker_token() if self.framing else None
+        self.up = _Flow(self.client, self.backend,
+                        FrameTracker(prefix) if self.framing else None,
+                        splice and self.client.ssl is None and self.backend.ssl is None)
+        self.down = _Flow(self.backend, self.client,
+                          FrameTracker(prefix) if self.framing else None,
+                          self.up.splice)
+        self.closed = False
+        self.reason = None
+        self.backend_failed = False
+        self.half_at = 0.0
+        self.seq = 0
+
+    # ---- lifecycle -------------------------------------------------------------------
+    def start(self, client_pending: bytes, backend_pending: bytes) -> None:
+        _live.add(self)
+        _ensure_sweep(self.settings)
+        loop = gevent.get_hub().loop
+        for end, cb in ((self.client, self._on_client), (self.backend, self._on_backend)):
+            end.watcher = loop.io(end.fd, READ)
+            end.watcher.start(cb, pass_events=True)
+            end.events = READ
+        for flow, data in ((self.up, client_pending), (self.down, backend_pending)):
+            if data and not self.closed:
+                flow.src.rx += len(data)
+                self._forward(flow, memoryview(data), time.monotonic())
+        if not self.closed:
+            self._update()
+
+    def close(self, reason: str, code: int | None = None, backend_failed: bool = False,
+              best_effort: bool = False) -> None:
+        """Close both sides once; with `code`, first say Close(code) where it is safe."""
+        if self.closed:
+            return
+        self.closed = True
+        _live.discard(self)
+        reason = self.reason or reason
+        self.backend_failed = self.backend_failed or backend_failed
+        if code:
+            self._say_close(self.down, code, best_effort)
+            self._say_close(self.up, code, best_effort)
+        for flow in (self.up, self.down):
+            if flow.pipe:
+                for fd in flow.pipe:
+                    os.close(fd)
+                flow.pipe = None
+            flow.tail = None
+        for end in (self.client, self.backend):
+            if end.watcher is not None:
+                end.watcher.stop()
+                end.watcher.close()
+                end.watcher = None
+            _drain_and_close(end)
+        on_close, self.on_close = self.on_close, None
+        try:
+            on_close(reason, self.backend_failed, self.client.rx, self.client.tx)
+        except Exception:  # the tunnel is gone either way; keep the loop alive
+            log.exception("tunnel on_close callback failed")
+
+    def _say_close(self, flow, code, best_effort):
+        """Send Close(code) toward flow.dst only between frames (or best effort if unparsed)."""
+        if flow.blocked() or flow.shut:
+            return
+        if flow.tracker is not None:
+            if flow.tracker.close_seen or not flow.tracker.at_boundary():
+                return
+        elif not best_effort:
+            return
+        try:
+            flow.dst.send(build_frame(OP_CLOSE, close_payload(code), flow.dst.masked))
+        except (OSError, ValueError):
+            pass
+
+    def _fail(self, end, exc) -> None:
+        log.debug("tunnel %s error: %s", end.name, exc)
+        if end is self.backend:
+            self.close("backend error", code=CLOSE_GOING_AWAY if self.framing else None,
+                       backend_failed=True)
+        else:
+            self.close("client error")
+
+    # ---- io callbacks ----------------------------------------------------------------
+    def _on_client(self, revents):
+        self._handle(self.client, self.down, self.up, revents)
+
+    def _on_backend(self, revents):
+        self._handle(self.backend, self.up, self.down, revents)
+
+    def _handle(self, end, inflow, outflow, revents):
+        if self.closed:
+            return
+        if revents & WRITE and inflow.blocked():
+            self._flush(inflow)
+        if revents & READ and not self.closed and not outflow.eof and not outflow.blocked():
+            self._pump(outflow)
+        if not self.closed:
+            self._update()
+
+    def _update(self) -> None:
+        """Re-arm watchers: read a side unless backpressured/EOF; write while a tail waits."""
+        for end, outflow, inflow in ((self.client, self.up, self.down),
+                                     (self.backend, self.down, self.up)):
+            want = 0
+            if not outflow.eof and not outflow.blocked():
+                want = READ
+            if inflow.blocked():
+                want |= WRITE
+            if want != end.events:
+                w = end.watcher
+                w.stop()
+                end.events = want
+                if want:
+                    w.events = want
+                    w.start(self._on_client if end is self.client else self._on_backend,
+                            pass_events=True)
+
+    def _pump(self, flow) -> None:
+        """Read what src has and pass it on immediately; stop on backpressure."""
+        src = flow.src
+        now = time.monotonic()
+        for _ in range(READS_PER_WAKEUP):
+            if flow.pipe is not None:
+                if not self._splice_in(flow, now):
+                    return
+                continue
+            try:
+                n = src.recv_into(_view)
+            except _WOULD_BLOCK:
+                break
+            except OSError as exc:
+                return self._fail(src, exc)
+            if n == 0:
+                return self._on_eof(flow)
+            src.rx += n
+            src.last_rx = now
+            if not self._forward(flow, _view[:n], now) or self.closed:
+                return
+            if n < BUF_SIZE and not src.has_buffered():
+                return
+            if flow.splice and n == SPLICE_MIN:
+                self._open_pipe(flow, now)
+        if src.has_buffered():        # TLS bytes already decrypted: no fd event will come
+            gevent.get_hub().loop.run_callback(self._handle, src, None, flow, READ)
+
+    def _forward(self, flow, data, now) -> bool:
+        """Send `data` to flow.dst; keep the unsent tail. Returns False when blocked/closed."""
+        if flow.tracker is not None:
+            try:
+                data = flow.tracker.feed(data)
+            except ProtocolError as exc:
+                self._fail(flow.src, exc)
+                return False
+            if flow.tracker.pongs:
+                flow.tracker.pongs = 0
+                flow.src.ping_at = 0.0
+            if not data:
+                return True
+        try:
+            sent = flow.dst.send(data)
+        except _WOULD_BLOCK:
+            sent = 0
+        except OSError as exc:
+            self._fail(flow.dst, exc)
+            return False
+        if sent == len(data):
+            return True
+        flow.tail = bytes(data[sent:])
+        flow.stall = now
+        return False
+
+    def _flush(self, flow) -> None:
+        """dst became writable: push the tail (or the pipe) and resume reading when empty."""
+        dst = flow.dst
+        try:
+            if flow.inpipe:
+                n = os.splice(flow.pipe[0], dst.fd, flow.inpipe, flags=SPLICE_FLAGS)
+                dst.tx += n
+                flow.inpipe -= n
+            else:
+                n = dst.send(flow.tail)
+                flow.tail = flow.tail[n:] or None
+        except _WOULD_BLOCK:
+            return
+        except OSError as exc:
+            return self._fail(dst, exc)
+        if n:
+            flow.stall = time.monotonic()
+        if not flow.blocked() and flow.eof:
+            self._finish(flow)
+
+    # ---- splice path (keepalive off, plain sockets) ----------------------------------
+    def _open_pipe(self, flow, now) -> None:
+        try:
+            flow.pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:               # out of fds: stay on recv/send
+            flow.splice = False
+            return
+        flow.pipe_used = now
+
+    def _splice_in(self, flow, now) -> bool:
+        """socket -> pipe -> socket without copying; False when blocked/closed/EOF."""
+        src, dst = flow.src, flow.dst
+        try:
+            n = os.splice(src.fd, flow.pipe[1], BUF_SIZE * 4, flags=SPLICE_FLAGS)
+        except _WOULD_BLOCK:
+            return False
+        except OSError as exc:
+            self._fail(src, exc)
+            return False
+        if n == 0:
+            self._on_eof(flow)
+            return False
+        src.rx += n
+        src.last_rx = flow.pipe_used = now
+        try:
+            m = os.splice(flow.pipe[0], dst.fd, n, flags=SPLICE_FLAGS)
+        except _WOULD_BLOCK:
+            m = 0
+        except OSError as exc:
+            self._fail(dst, exc)
+            return False
+        dst.tx += m
+        if m < n:
+            flow.inpipe = n - m
+            flow.stall = now
+            return False
+        return True
+
+    # ---- half-close, keepalive, timeouts -----------------------------------------------
+    def _on_eof(self, flow) -> None:
+        flow.eof = True
+        if self.reason is None:
+            self.reason = "client closed" if flow.src is self.client else "backend closed"
+        if not self.half_at:
+            self.half_at = time.monotonic()
+        if not flow.blocked():
+            self._finish(flow)
+
+    def _finish(self, flow) -> None:
+        """src is done and everything reached dst: say goodbye (framing) and send EOF."""
+        if flow is self.down and self.framing:
+            self._say_close(flow, CLOSE_GOING_AWAY, False)
+        try:
+            flow.dst.sock.shutdown(_socket.SHUT_WR)
+        except OSError:
+            pass
+        flow.shut = True
+        if self.up.shut and self.down.shut:
+            self.close(self.reason)
+
+    def sweep(self, now: float) -> None:
+        """Called by the worker's sweep timer: timeouts, keepalive pings, pipe reclaim."""
+        s = self.settings
+        for flow in (self.up, self.down):
+            if flow.blocked() and now - flow.stall > s.proxy_send_timeout:
+                failed = flow.dst is self.backend
+                return self.close("send timeout", backend_failed=failed)
+            if flow.pipe is not None and not flow.inpipe and now - flow.pipe_used > PIPE_IDLE:
+                os.close(flow.pipe[0])
+                os.close(flow.pipe[1])
+                flow.pipe = None
+        last = max(self.client.last_rx, self.backend.last_rx)
+        if self.half_at and now - last > min(HALF_CLOSE_LINGER, s.proxy_read_timeout):
+            return self.close(self.reason)
+        if now - last > s.proxy_read_timeout:
+            return self.close("timeout", code=CLOSE_GOING_AWAY if self.framing else None)
+        if not self.framing or self.half_at:
+            return
+        for end, toward in ((self.client, self.down), (self.backend, self.up)):
+            if end.ping_at:
+                if end.last_rx < end.ping_at and now - end.ping_at > s.proxy_read_timeout:
+                    return self.close("keepalive timeout", code=CLOSE_GOING_AWAY,
+                                      backend_failed=end is self.backend)
+                if end.last_rx >= end.ping_at:
+                    end.ping_at = 0.0
+            if (not end.ping_at and now - end.last_rx >= s.proxy_websocket_keepalive_interval
+                    and toward.tracker.at_boundary() and not toward.blocked()):
+                self._ping(end, toward, now)
+                if self.closed:
+                    return
+
+    def _ping(self, end, toward, now) -> None:
+        self.seq = (self.seq + 1) & 0xFFFFFFFF
+        frame = build_frame(OP_PING, _worker_token() + struct.pack(">I", self.seq), end.masked)
+        end.ping_at = now
+        if self._forward_raw(toward, frame, now):
+            self._update()
+
+    def _forward_raw(self, flow, frame, now) -> bool:
+        """Send an injected frame (no tracking); a partial send becomes the tail."""
+        try:
+            sent = flow.dst.send(frame)
+        except _WOULD_BLOCK:
+            sent = 0
+        except OSError as exc:
+            self._fail(flow.dst, exc)
+            return False
+        if sent < len(frame):
+            flow.tail = frame[sent:]
+            flow.stall = now
+        return True
+
+
+def _drain_and_close(end) -> None:
+    """Read what is queued (bounded) before close so the kernel sends FIN, not RST."""
+    try:
+        for _ in range(4):
+            if end.recv_into(_view) <= 0:
+                break
+    except (OSError, ValueError):
+        pass
+    try:
+        end.sock.close()
+    except OSError:
+        pass
+
+
+# ---- one sweep timer per worker -------------------------------------------------------
+def _period_for(settings) -> float:
+    shortest = min(settings.proxy_read_timeout, settings.proxy_send_timeout,
+                   settings.proxy_websocket_keepalive_interval
+                   if settings.proxy_websocket_keepalive else 1e9, HALF_CLOSE_LINGER)
+    return max(0.05, min(1.0, shortest / 4))
+
+
+def _ensure_sweep(settings) -> None:
+    period = _period_for(settings)
+    timer = _sweep["timer"]
+    if timer is not None and period >= _sweep["period"]:
+        return
+    if timer is not None:
+        timer.stop()
+        timer.close()
+    timer = gevent.get_hub().loop.timer(period, period, ref=False)
+    timer.start(_run_sweep)
+    _sweep["timer"], _sweep["period"] = timer, period
+
+
+def _run_sweep() -> None:
+    if not _live:
+        timer = _sweep["timer"]
+        _sweep["timer"] = None
+        if timer is not None:
+            timer.stop()
+            timer.close()
+        return
+    now = time.monotonic()
+    for tunnel in list(_live):
+        if not tunnel.closed:
+            tunnel.sweep(now)

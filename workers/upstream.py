@@ -1,0 +1,81 @@
+"""Per-worker keep-alive pools of upstream connections.
+
+Under steady load a request takes an idle connection and gives it back, so no
+connect happens per request.  An idle connection the backend closed is noticed by a
+non-blocking peek before reuse; a reused connection that fails before the first
+response byte is retried once on a fresh one by the caller.
+"""
+from __future__ import annotations
+
+import socket
+
+from gevent import socket as gsocket
+
+_PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
+
+
+class ConnectFailed(Exception):
+    """Connecting to an upstream server failed (refused, unreachable, timed out)."""
+
+    def __init__(self, reason, timed_out=False):
+        super().__init__(reason)
+        self.timed_out = timed_out
+
+
+def _is_reusable(sock) -> bool:
+    """An idle connection is reusable when it has neither data nor EOF pending."""
+    try:
+        sock._sock.recv(1, _PEEK_FLAGS)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False   # EOF (b'') or stray bytes: the backend closed or misbehaved
+
+
+class UpstreamPool:
+    """Idle connections per server URL, most recently used first, bounded per server."""
+
+    def __init__(self):
+        self._idle = {}
+
+    def acquire(self, server, connect_timeout):
+        """Return ``(sock, reused)``; raise ConnectFailed when a new connect fails."""
+        idle = self._idle.get(server.url)
+        while idle:
+            sock = idle.pop()
+            if _is_reusable(sock):
+                return sock, True
+            sock.close()
+        return connect(server, connect_timeout), False
+
+    def release(self, server, sock, limit):
+        """Keep a connection whose last response ended cleanly, up to ``limit`` idle."""
+        idle = self._idle.setdefault(server.url, [])
+        if len(idle) < limit:
+            idle.append(sock)
+        else:
+            sock.close()
+
+    def close_all(self):
+        for idle in self._idle.values():
+            for sock in idle:
+                sock.close()
+        self._idle.clear()
+
+
+def connect(server, timeout):
+    """A new TCP connection to ``server`` with TCP_NODELAY, or ConnectFailed."""
+    family = socket.AF_INET6 if ":" in server.address else socket.AF_INET
+    sock = gsocket.socket(family, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect((server.address, server.port))
+    except socket.timeout:
+        sock.close()
+        raise ConnectFailed("upstream timed out while connecting", timed_out=True)
+    except OSError as exc:
+        sock.close()
+        raise ConnectFailed(exc.strerror or str(exc))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock

@@ -1,0 +1,325 @@
+"""The gevent worker process: accept, serve connections in greenlets, heartbeat.
+
+The master forks a worker and calls ``run_worker``; everything gevent happens from
+here on, so the master never imports gevent.  The worker never re-reads the
+configuration file: it serves the frozen Config it was forked with.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+
+import gevent
+from gevent import socket as gsocket
+from gevent.lock import Semaphore
+
+from mplb import logs
+from workers.accesslog import AccessLog
+from workers.headers import HeadPlan
+from workers.http import ClientConnection
+from workers.router import Router
+from workers.upstream import UpstreamPool
+
+log = logging.getLogger("mplb.worker")
+
+HEARTBEAT_INTERVAL = 1.0
+EXIT_BOOT_FAILURE = 3          # the master stops instead of re-forking forever
+RELAY_BUFFER_SIZE = 65536
+
+
+class WorkerContext:
+    """What the master hands a worker at fork time."""
+
+    def __init__(self, config, listen_sockets, control_fd, shared, slot, number,
+                 generation, master_pid, verbose):
+        self.config = config
+        self.listen_sockets = listen_sockets      # {listen key: (socket, Listen)}
+        self.control_fd = control_fd
+        self.shared = shared
+        self.slot = slot
+        self.number = number
+        self.generation = generation
+        self.master_pid = master_pid
+        self.verbose = verbose
+
+
+class Worker:
+    """Per-process state shared by all connections of this worker."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.config = config = ctx.config
+        self.shared = ctx.shared
+        self.slot = ctx.slot
+        self.router = Router(config)
+        self.pool = UpstreamPool()
+        self.stopping = False
+        self.connections = set()
+        self.connection_count = 0
+        self.capacity = Semaphore(config.worker_connections)
+        self._buffers = []
+        self._plans = {}
+        self._defaults = {}
+        self.access_log = AccessLog(config.access_log)
+        self.balancers = self._init_balancers()
+        self.tls = self._init_tls()
+
+    # -- set-up ------------------------------------------------------------
+    def _init_balancers(self):
+        from mplb.balancing import init_upstream
+        return {name: init_upstream(upstream, self.shared, self.slot)
+                for name, upstream in self.config.upstreams.items()}
+
+    def _init_tls(self):
+        """One server-side SSL context per ssl listen, from its first virtual server."""
+        contexts = {}
+        for vserver in self.config.servers:
+            for listen in vserver.listens:
+                if listen.ssl and listen.key not in contexts and vserver.ssl_certificate:
+                    from gevent import ssl
+                    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                    context.load_cert_chain(vserver.ssl_certificate, vserver.ssl_certificate_key)
+                    context.set_alpn_protocols(["http/1.1"])
+                    contexts[listen.key] = context
+        return contexts
+
+    def default_settings(self, listen):
+        """Settings that apply before routing: the default server of the listen."""
+        settings = self._defaults.get(listen.key)
+        if settings is None:
+            table = self.router.names[listen.key]
+            settings = self._defaults[listen.key] = table.default.settings
+        return settings
+
+    def default_limits(self, listen):
+        return self.default_settings(listen).large_client_header_buffers
+
+    def head_plan(self, location):
+        plan = self._plans.get(id(location))
+        if plan is None:
+            plan = self._plans[id(location)] = HeadPlan(location.settings)
+        return plan
+
+    def take_buffer(self):
+        return self._buffers.pop() if self._buffers else bytearray(RELAY_BUFFER_SIZE)
+
+    def give_buffer(self, buffer):
+        if len(self._buffers) < 64:
+            self._buffers.append(buffer)
+
+    # -- accounting ----------------------------------------------------------
+    def count_exchange(self, server, sent_upstream, received_upstream):
+        """Request and byte counters; failures are counted by the balancer's free()."""
+        shared = self.shared
+        if shared is not None:
+            shared.count_request(self.slot, server.url)
+            shared.add_bytes(self.slot, server.url, received_upstream, sent_upstream)
+
+    def log_access(self, conn, request, status, sent, exchange, response):
+        if self.access_log.enabled:
+            server = getattr(exchange, "last_server", None) if exchange is not None else None
+            self.access_log.request(conn, request, status, sent, server,
+                                    response.status if response is not None else None)
+
+    def log_upgrade(self, conn, request, upstream, pick):
+        if log.isEnabledFor(logging.DEBUG):
+            persistence = upstream.persistence.kind
+            decision = f" {pick.persistence}" if pick.persistence else ""
+            log.debug("upgrade %s %s client=%s:%s upstream=%s server=%s persistence=%s%s",
+                      request.method, request.url.decode("latin-1", "replace"),
+                      conn.client_ip, conn.client_port, upstream.name, pick.server.hostport,
+                      persistence, decision)
+
+    def render_status(self, request):
+        from mplb import status
+        return status.render(self.shared, self.config, request)
+
+    # -- tunnels ---------------------------------------------------------------
+    def open_tunnel(self, conn, request, backend_sock, pick, balancer, settings,
+                    client_pending, backend_pending, bytes_in, bytes_out, start_tunnel):
+        """Hand both sockets to a tunnel; the connection slot is freed when it ends."""
+        shared = self.shared
+        server = pick.server
+        if shared is not None:
+            shared.tunnel_opened(self.slot, server.url)
+        opened = time.monotonic()
+
+        def on_close(reason, backend_failed, tunnel_in, tunnel_out):
+            balancer.free(pick, backend_failed)
+            if shared is not None:
+                shared.tunnel_closed(self.slot, server.url)
+                shared.count_request(self.slot, server.url)
+                # shm counts bytes from the server as "in": the client's bytes go out.
+                shared.add_bytes(self.slot, server.url, bytes_out + tunnel_out,
+                                 bytes_in + tunnel_in)
+            log.debug("tunnel client=%s:%s server=%s closed: %s", conn.client_ip,
+                      conn.client_port, server.hostport, reason)
+            self.access_log.tunnel(conn, request, server, time.monotonic() - opened,
+                                   tunnel_in, tunnel_out)
+            self._connection_done(conn)
+
+        start_tunnel(conn.sock, backend_sock, client_pending, backend_pending, settings,
+                     on_close)
+
+    # -- connections --------------------------------------------------------------
+    def handle(self, sock, addr, listen):
+        conn = None
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            context = self.tls.get(listen.key)
+            if context is not None:
+                sock = self._tls_handshake(context, sock, listen)
+                if sock is None:
+                    return
+            conn = ClientConnection(self, sock, addr, listen)
+            self.connections.add(conn)
+            conn.serve()
+        except Exception:   # noqa: BLE001 - one bad connection never takes the worker down
+            log.exception("unexpected error on connection from %s", addr[0])
+            sock.close()
+        finally:
+            if conn is None or not conn.handed_off:
+                self._connection_done(conn)
+
+    def _tls_handshake(self, context, sock, listen):
+        sock.settimeout(self.default_settings(listen).client_header_timeout)
+        try:
+            tls_sock = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            tls_sock.do_handshake()
+            return tls_sock
+        except (OSError, ValueError) as exc:
+            log.debug("TLS handshake failed: %s", exc)
+            sock.close()
+            return None
+
+    def _connection_done(self, conn):
+        self.connections.discard(conn)
+        self.connection_count -= 1
+        self.capacity.release()
+        if self.shared is not None:
+            self.shared.worker_connections(self.slot, -1)
+
+    def accept_loop(self, lsock, listen):
+        """Accept until stopping; past worker_connections wait for a free slot."""
+        while not self.stopping:
+            self.capacity.acquire()
+            if self.stopping:
+                self.capacity.release()
+                return
+            try:
+                sock, addr = lsock.accept()
+            except OSError as exc:
+                self.capacity.release()
+                if self.stopping:
+                    return
+                log.error("accept() failed: %s", exc)
+                gevent.sleep(0.1)     # EMFILE and friends: back off instead of spinning
+                continue
+            self.connection_count += 1
+            if self.shared is not None:
+                self.shared.worker_connections(self.slot, 1)
+            gevent.spawn(self.handle, sock, addr, listen)
+
+    # -- lifecycle -------------------------------------------------------------------
+    def heartbeat_loop(self):
+        """Prove to the master that the event loop runs; leave if the master is gone."""
+        fd = self.ctx.control_fd
+        while True:
+            if os.getppid() != self.ctx.master_pid:
+                log.error("master process is gone, worker exiting")
+                self.fast_stop()
+            try:
+                os.write(fd, b"h")
+            except BlockingIOError:
+                pass
+            except OSError:
+                self.fast_stop()
+            gevent.sleep(HEARTBEAT_INTERVAL)
+
+    def graceful_stop(self):
+        """Stop accepting, finish in-flight requests, then tunnels (bounded by config)."""
+        if self.stopping:
+            return
+        self.stopping = True
+        for lsock in self.listeners:
+            lsock.close()
+        gevent.spawn(self._drain)
+
+    def _drain(self):
+        from workers import tunnel
+        deadline = self.config.worker_shutdown_timeout
+        started = time.monotonic()
+        while True:
+            for conn in list(self.connections):
+                if conn.idle:
+                    conn.sock.close()
+            busy = len(self.connections) + tunnel.live_tunnel_count()
+            if not busy:
+                break
+            if deadline is not None and time.monotonic() - started >= deadline:
+                tunnel.close_all_tunnels("shutdown", 1001)
+                break
+            gevent.sleep(0.05)
+        self.exit(0)
+
+    def fast_stop(self):
+        self.exit(0)
+
+    def exit(self, code):
+        self.access_log.flush()
+        logging.shutdown()
+        os._exit(code)
+
+    def run(self):
+        self.listeners = []
+        for key, (raw_sock, listen) in self.ctx.listen_sockets.items():
+            lsock = gsocket.socket(fileno=os.dup(raw_sock.fileno()))
+            self.listeners.append(lsock)
+            gevent.spawn(self.accept_loop, lsock, listen)
+        gevent.signal_handler(signal.SIGQUIT, self.graceful_stop)
+        gevent.signal_handler(signal.SIGTERM, self.fast_stop)
+        gevent.signal_handler(signal.SIGUSR1, self.reopen_logs)
+        heartbeat = gevent.spawn(self.heartbeat_loop)
+        heartbeat.join()
+
+    def reopen_logs(self):
+        logs.reopen()
+        self.access_log.reopen()
+
+
+def run_worker(ctx):
+    """Entry point in the forked child; never returns."""
+    code = 0
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)     # the master decides on Ctrl-C
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        for sig in (signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        try:
+            from setproctitle import setproctitle
+            setproctitle(f"mplb: worker process #{ctx.number}")
+        except ImportError:
+            pass
+        gevent.reinit()
+        try:
+            worker = Worker(ctx)
+        except Exception as exc:   # noqa: BLE001 - reported to the master by exit code
+            log.error("worker boot failed: %s", exc)
+            logging.shutdown()
+            os._exit(EXIT_BOOT_FAILURE)
+        if ctx.shared is not None:
+            ctx.shared.worker_started(ctx.slot, os.getpid(), ctx.generation)
+        worker.run()
+    except SystemExit as exc:
+        code = exc.code or 0
+    except BaseException:   # noqa: BLE001 - the child must never return into the master code
+        log.exception("worker crashed")
+        code = 1
+    finally:
+        sys.stdout.flush()
+        os._exit(code)
