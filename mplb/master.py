@@ -73,6 +73,7 @@ class Master:
         self.sockets = bind_listens(self.config, {})
         self.shared = self._create_shared()
         self.shared.set_generation(self.generation)
+        register_upstreams(self.config, self.shared)
         self._write_pid()
         self._install_signals()
         self._start_health()
@@ -87,8 +88,9 @@ class Master:
         path = segment_path(os.getpid(), self.shm_dir)
         max_workers = max(64, self.worker_count * 4)
         try:
-            return SharedState.create(path, max_workers,
-                                      table_entries=table_entries_for(self.config.upstreams.values()))
+            # Twice what the tables need now, so a reload can allocate its own tables.
+            entries = 2 * table_entries_for(self.config.upstreams.values()) + 1024
+            return SharedState.create(path, max_workers, table_entries=entries)
         except OSError as exc:
             raise StartupError(f"cannot create shared memory {path}: {exc.strerror}")
 
@@ -297,6 +299,7 @@ class Master:
         log.info("reloading configuration %s", self.config_path)
         try:
             config = load(self.config_path)
+            register_upstreams(config, self.shared)
             sockets = bind_listens(config, self.sockets)
         except (ConfigError, StartupError) as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
@@ -347,6 +350,17 @@ class Master:
                 os.unlink(self.pid_file)
             except OSError:
                 pass
+
+
+def register_upstreams(config, shared):
+    """Register servers and tables before forking, so a full segment fails here, once."""
+    from mplb.balancing import init_upstream
+    from mplb.errors import MplbError
+    try:
+        for upstream in config.upstreams.values():
+            init_upstream(upstream, shared, 0)
+    except MplbError as exc:
+        raise StartupError(str(exc))
 
 
 def bind_listens(config, existing):

@@ -1,0 +1,201 @@
+"""Helpers for end-to-end tests: free ports, real mplb processes, real backends.
+
+Every process is started in its own session and stopped by pid (its process group) at
+the end; every wait polls a condition against a deadline instead of sleeping blindly.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def free_port(host="127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate, timeout=15.0, interval=0.02, message="condition"):
+    """Poll ``predicate`` until it returns a truthy value or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def port_open(port, host="127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def mplb_command():
+    exe = shutil.which("mplb", path=os.path.dirname(sys.executable) + os.pathsep +
+                       os.environ.get("PATH", ""))
+    return [exe] if exe else [sys.executable, "-m", "mplb"]
+
+
+class Process:
+    """A child process in its own session, with its output captured to a file."""
+
+    def __init__(self, argv, env=None, cwd=None, name="process"):
+        self.name = name
+        self.log_path = tempfile.mktemp(prefix=f"mplb-test-{name}-", suffix=".log")
+        self._log = open(self.log_path, "wb")
+        full_env = dict(os.environ)
+        full_env["PYTHONPATH"] = ROOT + os.pathsep + full_env.get("PYTHONPATH", "")
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
+                                     cwd=cwd or ROOT, env=full_env, start_new_session=True)
+        self.pid = self.proc.pid
+
+    def output(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        with open(self.log_path, "rb") as handle:
+            return handle.read().decode("utf-8", "replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def signal(self, signum):
+        if self.alive():
+            os.kill(self.pid, signum)
+
+    def wait(self, timeout=10.0):
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self, timeout=5.0):
+        """TERM the process group, then KILL what is left."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if self.proc.poll() is None:
+            self.proc.wait(timeout=timeout)
+        self._log.close()
+
+
+class Backend(Process):
+    """tests/backend_server.py: HTTP test endpoints and a WebSocket echo."""
+
+    def __init__(self, name=None, port=None, host="127.0.0.1"):
+        self.port = port or free_port(host)
+        self.host = host
+        self.backend_name = name or f"b{self.port}"
+        super().__init__([sys.executable, os.path.join(HERE, "backend_server.py"),
+                          "--port", str(self.port), "--name", self.backend_name,
+                          "--host", host], name=self.backend_name)
+        wait_for(lambda: port_open(self.port, host) or self._died(), message=f"backend {self.port}")
+        if not self.alive():
+            raise RuntimeError(f"backend failed to start:\n{self.output()}")
+
+    def _died(self):
+        return not self.alive()
+
+    @property
+    def url(self):
+        return f"http://{self.host}:{self.port}"
+
+
+class Mplb(Process):
+    """A real mplb master (and its workers) on a configuration written to a temp file."""
+
+    def __init__(self, config_text, workers=1, verbose=True, extra_args=(), wait_ports=None,
+                 name="mplb"):
+        self.dir = tempfile.mkdtemp(prefix="mplb-test-")
+        self.conf = os.path.join(self.dir, "mplb.conf")
+        with open(self.conf, "w") as handle:
+            handle.write(config_text)
+        self.pid_file = os.path.join(self.dir, "mplb.pid")
+        argv = mplb_command() + ["-conf", self.conf, "-pid", self.pid_file]
+        if workers:
+            argv += ["-workers", str(workers)]
+        if verbose:
+            argv.append("-v")
+        argv += list(extra_args)
+        super().__init__(argv, name=name)
+        for port in wait_ports or ():
+            wait_for(lambda: port_open(port) or not self.alive(), message=f"mplb port {port}")
+            if not self.alive():
+                raise RuntimeError(f"mplb exited early:\n{self.output()}")
+        if wait_ports:
+            wait_for(lambda: len(self.worker_pids()) >= (workers or 1),
+                     message="mplb workers")
+
+    def worker_pids(self):
+        """Pids of this master's live children (its workers)."""
+        try:
+            with open(f"/proc/{self.pid}/task/{self.pid}/children") as handle:
+                return [int(pid) for pid in handle.read().split()]
+        except OSError:
+            return []
+
+    def rewrite(self, config_text):
+        with open(self.conf, "w") as handle:
+            handle.write(config_text)
+
+    def stop(self, timeout=5.0):
+        super().stop(timeout)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def http_request(port, raw: bytes, timeout=10.0, host="127.0.0.1") -> bytes:
+    """Send raw bytes, read until the server closes (or timeout); return everything read."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(raw)
+        chunks = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                data = sock.recv(65536)
+            except socket.timeout:
+                break
+            if not data:
+                break
+            chunks.append(data)
+        return b"".join(chunks)
+
+
+def get(port, path="/", headers=None, timeout=10.0, host="127.0.0.1"):
+    """A simple GET with http.client; returns (status, headers dict, body bytes)."""
+    import http.client
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        response = conn.getresponse()
+        body = response.read()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, body
+    finally:
+        conn.close()
+
+
+def get_json(port, path="/", headers=None):
+    status, _, body = get(port, path, headers)
+    return status, json.loads(body)
