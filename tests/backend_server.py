@@ -11,6 +11,8 @@ Run as ``python tests/backend_server.py --port P --name NAME``.  Endpoints:
 - ``/garbage``: answers with bytes that are not HTTP
 - ``/set-cookie/NAME/VALUE``: sets a cookie
 - ``/echo-body``: echoes the request body
+- ``/peer``: JSON ``{"backend", "peer_port"}``: the client port of this connection
+  (shows whether a proxy reused its upstream connection)
 - WebSocket upgrade on any path: welcome message, then echo (text and binary)
 """
 import argparse
@@ -54,6 +56,13 @@ def make_app(name):
         if parts[0] == "echo-body":
             start_response("200 OK", [("Content-Length", str(len(body))), ("X-Backend", name)])
             return [body]
+        if parts[0] == "peer":
+            payload = json.dumps({"backend": name,
+                                  "peer_port": int(environ.get("REMOTE_PORT") or 0)}).encode()
+            start_response("200 OK", [("Content-Type", "application/json"),
+                                      ("Content-Length", str(len(payload))),
+                                      ("X-Backend", name)])
+            return [payload]
         if parts[0] == "set-cookie" and len(parts) > 2:
             start_response("200 OK", [("Set-Cookie", f"{parts[1]}={parts[2]}; Path=/"),
                                       ("Content-Type", "application/json"),

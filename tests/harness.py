@@ -199,3 +199,111 @@ def get(port, path="/", headers=None, timeout=10.0, host="127.0.0.1"):
 def get_json(port, path="/", headers=None):
     status, _, body = get(port, path, headers)
     return status, json.loads(body)
+
+
+def raw_exchange(port, raw: bytes, timeout=10.0, host="127.0.0.1", shutdown_write=False):
+    """Send raw bytes and read until the server closes or ``timeout`` passes.
+
+    Returns ``(data, closed)``: everything read, and whether the server closed (or
+    reset) the connection before the deadline.
+    """
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        try:
+            sock.sendall(raw)
+            if shutdown_write:
+                sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass       # the server may answer and close before reading everything
+        chunks = []
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return b"".join(chunks), False
+            sock.settimeout(left)
+            try:
+                data = sock.recv(65536)
+            except socket.timeout:
+                return b"".join(chunks), False
+            except ConnectionResetError:
+                return b"".join(chunks), True
+            if not data:
+                return b"".join(chunks), True
+            chunks.append(data)
+
+
+class Response:
+    """One parsed HTTP/1.x response: status, headers (lower-case names), body."""
+
+    def __init__(self, status, reason, headers, body, version=b"HTTP/1.1", chunked=False):
+        self.status = status
+        self.reason = reason
+        self.headers = headers          # list of (lower-case name str, value str)
+        self.body = body
+        self.version = version
+        self.chunked = chunked
+
+    def header(self, name):
+        values = [v for k, v in self.headers if k == name.lower()]
+        return ", ".join(values) if values else None
+
+    def __repr__(self):
+        return f"<Response {self.status} {self.headers!r} body={self.body[:80]!r}>"
+
+
+def parse_responses(data: bytes, head_only=(), allow_partial=False):
+    """Split raw bytes into Response objects (Content-Length, chunked or until close).
+
+    ``head_only`` holds the indexes of responses to HEAD requests (no body).  A
+    truncated last response raises ValueError unless ``allow_partial``.
+    """
+    out = []
+    pos = 0
+    while pos < len(data):
+        end = data.find(b"\r\n\r\n", pos)
+        if end < 0:
+            raise ValueError(f"incomplete response head: {data[pos:pos + 200]!r}")
+        lines = data[pos:end].split(b"\r\n")
+        version, _, rest = lines[0].partition(b" ")
+        code, _, reason = rest.partition(b" ")
+        status = int(code)
+        headers = []
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            headers.append((name.strip().lower().decode("latin-1"),
+                            value.strip().decode("latin-1")))
+        pos = end + 4
+        names = dict(headers)
+        chunked = "chunked" in names.get("transfer-encoding", "").lower()
+        if 100 <= status < 200 or status in (204, 304) or len(out) in head_only:
+            body = b""
+        elif chunked:
+            parts = []
+            while True:
+                line_end = data.find(b"\r\n", pos)
+                if line_end < 0:
+                    if allow_partial:
+                        break
+                    raise ValueError("truncated chunked body")
+                size = int(data[pos:line_end].split(b";")[0], 16)
+                pos = line_end + 2
+                if size == 0:
+                    trailer_end = data.find(b"\r\n", pos)
+                    pos = trailer_end + 2 if trailer_end >= 0 else len(data)
+                    break
+                if pos + size + 2 > len(data) and not allow_partial:
+                    raise ValueError("truncated chunk")
+                parts.append(data[pos:pos + size])
+                pos += size + 2
+            body = b"".join(parts)
+        elif "content-length" in names:
+            size = int(names["content-length"])
+            body = data[pos:pos + size]
+            if len(body) < size and not allow_partial:
+                raise ValueError(f"truncated body: {len(body)} of {size}")
+            pos += size
+        else:
+            body = data[pos:]
+            pos = len(data)
+        out.append(Response(status, reason, headers, body, version, chunked))
+    return out
