@@ -9,8 +9,11 @@
 # named backend1..backend3), starts mplb on etc/loadbalancer.conf (listen 8080), waits
 # until every port answers, runs examples/websocket_client.py through the load balancer
 # (it prints which backend each connection reached, the distribution and whether
-# persistence held), shows mplb's upgrade log lines, and stops everything it started
-# on exit or Ctrl-C (only the processes it started, by pid).
+# persistence held) twice: all clients from 127.0.0.1 (ip_hash: one client address ->
+# one backend), then, on Linux, each client from its own loopback address (the clients
+# spread over the backends, each sticking to its own).  Then it shows mplb's upgrade
+# log lines, and stops everything it started on exit or Ctrl-C (only the processes it
+# started, by pid).
 #
 # Environment overrides:
 #   MPLB            mplb command          (default: $MPLB, ./.venv/bin/mplb, mplb on PATH)
@@ -23,6 +26,8 @@
 #   RECONNECTS      reconnects per client (default: 3)
 #   MPLB_ARGS       extra mplb arguments  (e.g. "-workers 1")
 #   START_TIMEOUT   seconds to wait for the ports (default: 20)
+#   DISTINCT_IPS    1: also run the client with one loopback source address per client
+#                   (127.1.0.x), so ip_hash spreads them (default: 1 on Linux, else 0)
 #   KEEP_RUNNING    when set, keep backends and mplb running after the client until
 #                   Ctrl-C, to try the browser page at http://localhost:8080/client
 #
@@ -59,6 +64,10 @@ CONNECTIONS=${CONNECTIONS:-10}
 RECONNECTS=${RECONNECTS:-3}
 MPLB_ARGS=${MPLB_ARGS:-}
 START_TIMEOUT=${START_TIMEOUT:-20}
+if [ -z "${DISTINCT_IPS:-}" ]; then
+    # Linux routes all of 127.0.0.0/8 to the loopback interface
+    if [ "$(uname -s)" = Linux ]; then DISTINCT_IPS=1; else DISTINCT_IPS=0; fi
+fi
 
 if [ ! -f "$LB_CONF" ]; then
     echo "run_websocket_demo: configuration $LB_CONF not found" >&2
@@ -162,10 +171,21 @@ echo "   all ports answer"
 echo
 
 URL="ws://localhost:$LB_PORT$WS_PATH"
-echo "== client: $CONNECTIONS connections, $RECONNECTS reconnects each, $URL"
+echo "== 1. client: $CONNECTIONS connections from one address (127.0.0.1), $RECONNECTS reconnects each"
+echo "   $URL"
 "$PY" examples/websocket_client.py --url "$URL" --connections "$CONNECTIONS" \
     --reconnects "$RECONNECTS" --timeout 5 --strict
 status=$?
+
+if [ "$DISTINCT_IPS" = 1 ]; then
+    echo
+    echo "== 2. client: $CONNECTIONS clients, each from its own loopback address (127.1.0.x),"
+    echo "   $RECONNECTS reconnects each: ip_hash spreads them and keeps each on its backend"
+    "$PY" examples/websocket_client.py --url "$URL" --connections "$CONNECTIONS" \
+        --reconnects "$RECONNECTS" --timeout 5 --strict --distinct-ips
+    status2=$?
+    [ $status -eq 0 ] && status=$status2
+fi
 
 echo
 echo "== mplb log (upgrade lines: $(grep -c upgrade "$LOG_DIR/mplb.log"))"

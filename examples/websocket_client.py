@@ -5,7 +5,7 @@ Usage::
 
     python examples/websocket_client.py [--url ws://localhost:8080/] [--connections 10]
                                         [--reconnects 3] [--timeout 5] [--retries 5]
-                                        [--no-cookies] [--strict] [--json]
+                                        [--distinct-ips] [--no-cookies] [--strict] [--json]
 
 It simulates ``--connections`` clients.  Each client opens a WebSocket through the
 load balancer, reads the backend's welcome message (``{"type": "welcome",
@@ -15,7 +15,10 @@ stay open (so ``least_connections`` sees them), then every client closes and reo
 its connection ``--reconnects`` times to show session persistence:
 
 * ``persistence ip_hash``: every connection comes from the same client IP, so every
-  reconnect lands on the same backend;
+  connection lands on the same backend; with ``--distinct-ips`` each simulated client
+  connects from its own loopback address (127.1.0.2, 127.1.0.3, ...: Linux routes all
+  of 127.0.0.0/8 to lo), so the clients spread over the backends and each one sticks
+  to its own;
 * ``persistence cookie``: each client keeps the cookies set on the ``101 Switching
   Protocols`` response (``MPLB_SESSION``) and sends them back when it reconnects, like
   a browser, so it sticks to its backend (``--no-cookies`` turns the jar off).
@@ -34,9 +37,11 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import socket
 import sys
 import time
 from collections import Counter
+from urllib.parse import urlsplit
 
 try:
     import websocket  # websocket-client
@@ -90,7 +95,24 @@ def recv_json(ws, timeout: float) -> dict:
     return obj
 
 
-def connect(url: str, cookies: dict[str, str], timeout: float, retries: int):
+def source_ip(client_id: int) -> str:
+    """The loopback source address of simulated client ``client_id`` (1-based)."""
+    return f"127.1.{client_id // 250}.{client_id % 250 + 1}"
+
+
+def open_socket(url: str, source: str, timeout: float) -> socket.socket:
+    """A TCP connection to the URL's host and port from the address ``source``."""
+    parts = urlsplit(url)
+    host = parts.hostname or "127.0.0.1"
+    if host == "localhost":
+        host = "127.0.0.1"          # a 127.x source address needs IPv4
+    port = parts.port or (443 if parts.scheme == "wss" else 80)
+    return socket.create_connection((host, port), timeout=timeout,
+                                    source_address=(source, 0))
+
+
+def connect(url: str, cookies: dict[str, str], timeout: float, retries: int,
+            source: str | None = None):
     """Open a WebSocket (retrying with backoff); return (ws, welcome, set_cookies)."""
     last_error: Exception | None = None
     delays = backoff_delays(retries)
@@ -98,8 +120,11 @@ def connect(url: str, cookies: dict[str, str], timeout: float, retries: int):
         ws = None
         try:
             cookie_header = "; ".join(f"{k}={v}" for k, v in cookies.items()) or None
+            extra = {}
+            if source:
+                extra["socket"] = open_socket(url, source, timeout)
             ws = websocket.create_connection(url, timeout=timeout, cookie=cookie_header,
-                                             enable_multithread=False)
+                                             enable_multithread=False, **extra)
             set_cookies = parse_set_cookie((ws.getheaders() or {}).get("set-cookie"))
             welcome = recv_json(ws, timeout)
             if welcome.get("type") != "welcome" or "backend" not in welcome:
@@ -154,6 +179,7 @@ class SimClient:
         self.ws = None
         self.errors: list[str] = []
         self.got_cookie = False
+        self.seen_as: list[str] = []     # client address as the backend saw it
 
     def close(self):
         if self.ws is not None:
@@ -165,7 +191,8 @@ class SimClient:
 
     def open(self, args, round_no: int) -> None:
         jar = self.cookies if not args.no_cookies else {}
-        ws, welcome, set_cookies = connect(args.url, jar, args.timeout, args.retries)
+        source = source_ip(self.id) if args.distinct_ips else None
+        ws, welcome, set_cookies = connect(args.url, jar, args.timeout, args.retries, source)
         self.ws = ws
         if set_cookies:
             self.got_cookie = True
@@ -173,6 +200,7 @@ class SimClient:
                 self.cookies.update(set_cookies)
         backend = str(welcome["backend"])
         self.backends.append(backend)
+        self.seen_as.append(str(welcome.get("client", "")))
         echo_check(ws, backend, f"hello from client {self.id} (connection {round_no})",
                    args.timeout)
 
@@ -239,6 +267,8 @@ def run(args) -> dict:
         "clients": [{"id": c.id, "backends": c.backends,
                      "backend": c.backends[0] if c.backends else None,
                      "persistent": c.persistent, "cookie": c.got_cookie,
+                     "source_ip": source_ip(c.id) if args.distinct_ips else None,
+                     "seen_as": sorted(set(c.seen_as)),
                      "errors": c.errors} for c in clients],
     }
 
@@ -253,12 +283,16 @@ def print_report(result: dict) -> None:
     for backend in sorted(total):
         n = dist.get(backend, 0)
         print(f"  {backend:<{width}}  {n:>5}  {total[backend]:>5}  {'#' * n}")
-    if result["reconnects"]:
+    if result["reconnects"] and not result["distribution"]:
+        print("Persistence: not checked (no connection succeeded)")
+    elif result["reconnects"]:
         if result["persistent"]:
             print(f"Persistence: held - every client stayed on its backend over "
                   f"{result['reconnects']} reconnect(s)")
-        else:
+        elif result["moved_clients"]:
             print(f"Persistence: BROKEN - clients that moved: {result['moved_clients']}")
+        else:
+            print("Persistence: not established - some connections failed (see errors)")
     else:
         print("Persistence: not checked (--reconnects 0)")
     if result["cookies"]:
@@ -283,6 +317,9 @@ def main(argv=None) -> int:
                     help="timeout of each connect/send/receive in seconds (default 5)")
     ap.add_argument("--retries", type=int, default=5,
                     help="connect retries with exponential backoff (default 5)")
+    ap.add_argument("--distinct-ips", action="store_true",
+                    help="give every simulated client its own loopback source address "
+                         "(127.1.x.y; Linux), so ip_hash sees N different clients")
     ap.add_argument("--no-cookies", action="store_true",
                     help="do not keep or send back cookies")
     ap.add_argument("--strict", action="store_true",

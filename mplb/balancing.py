@@ -8,17 +8,29 @@ primary is eligible.  Persistence (mplb.persistence) wraps the method: it answer
 it knows the client and records the method's pick when it does not.
 
 Counters live in the shared segment (mplb.shm.SharedState) so least_connections and
-max_conns see every worker; with ``shared=None`` (unit tests, single process) an in-process
-:class:`LocalState` with the same small interface stands in.
+max_conns see every worker; with ``shared=None`` (unit tests, single process) a
+:class:`LocalState` with the same layout in private memory stands in.
+
+Hot path: the balancer resolves every shared-memory word it touches once, at init (this
+worker's active counter, each server's health words, where its per-worker active counters
+start), so a pick reads a few words of ``q`` directly.  The clock is read only when a
+server has recorded failures (or a persistence table needs it); the active counters of
+all workers are summed only for least_connections and servers with ``max_conns``.
 """
 from __future__ import annotations
 
+import mmap
 import os
 import time
 from typing import Callable, Optional
 
+from mplb.shm import (H_DOWN, H_FAILS, H_LAST_FAIL, HDR_SLOTS_USED as SLOTS_USED, NFIELDS,
+                      SharedState, segment_layout)
+from mplb.shmtable import private_table
+
 METHODS = ("weighted_round_robin", "round_robin", "least_connections")
 METHOD_ALIASES = {"least_conn": "least_connections"}
+EMPTY = frozenset()
 
 
 class Pick:
@@ -38,66 +50,23 @@ class Pick:
         return f"Pick({self.index}, {self.server.url!r}, persistence={self.persistence!r})"
 
 
-class LocalState:
-    """In-process stand-in for SharedState's balancing interface (shared=None)."""
+class LocalState(SharedState):
+    """The segment layout in this process's private memory (shared=None, one process)."""
 
-    def __init__(self):
-        self._ids = {}
-        self._active = {}
-        self._fails = {}          # sid -> [fails, last_fail]
-        self._down = set()
-        self._tables = {}
-        self.secret = os.urandom(32)          # cookie secret (shared: one per master)
-        self.counters = {}        # sid -> {'requests': n, 'failures': n}
-
-    def server_id(self, url: str) -> int:
-        return self._ids.setdefault(url, len(self._ids))
-
-    def active_total(self, sid: int) -> int:
-        return self._active.get(sid, 0)
-
-    def add_active(self, worker_slot: int, sid: int, delta: int) -> None:
-        self._active[sid] = self._active.get(sid, 0) + delta
-
-    def is_failed(self, sid, now, max_fails, fail_timeout) -> bool:
-        rec = self._fails.get(sid)
-        return bool(rec and max_fails and rec[0] >= max_fails and now - rec[1] < fail_timeout)
-
-    def record_failure(self, worker_slot, sid, now, max_fails, fail_timeout) -> None:
-        c = self.counters.setdefault(sid, {"requests": 0, "failures": 0})
-        c["failures"] += 1
-        if not max_fails:
-            return
-        rec = self._fails.setdefault(sid, [0, 0.0])
-        if now - rec[1] >= fail_timeout:
-            rec[0] = 0            # older failures fell out of the window
-        rec[0] += 1
-        rec[1] = now
-
-    def record_success(self, sid, now, max_fails, fail_timeout) -> None:
-        rec = self._fails.get(sid)
-        if rec and rec[0] and (rec[0] < max_fails or now - rec[1] >= fail_timeout):
-            rec[0] = 0
-
-    def health_down(self, sid: int) -> bool:
-        return sid in self._down
-
-    def set_health(self, sid: int, up: bool) -> None:
-        (self._down.discard if up else self._down.add)(sid)
-
-    def set_health_record(self, sid, fails, passes, checked) -> None:
-        pass
+    def __init__(self, max_workers: int = 1, max_servers: int = 64):
+        header, total = segment_layout(max_workers, max_servers, 16, 4)
+        mm = mmap.mmap(-1, total)
+        mm[:len(header)] = header
+        super().__init__(None, None, mm, True)
+        for slot in range(max_workers):
+            self.worker_started(slot, os.getpid(), 0)
 
     def table(self, name: str, capacity: int, ttl: float):
-        """A private ShmTable over process memory (same code as the shared tables)."""
-        from mplb.shm import ENTRY_WORDS, GROUP, ShmTable, StripeLocks
+        """A private table (same code as the shared ones) sized on demand."""
         table = self._tables.get(name)
         if table is None:
-            capacity = max(GROUP, -(-capacity // GROUP) * GROUP)
-            words = memoryview(bytearray(capacity * ENTRY_WORDS * 8)).cast("q")
-            table = ShmTable(words, 0, capacity, int(ttl * 1e6), self.secret[:16],
-                             StripeLocks(None), name=name)
-            self._tables[name] = table
+            table = self._tables[name] = private_table(name, capacity, ttl, self.secret[:16])
+        table.ttl_us = int(ttl * 1e6)
         return table
 
 
@@ -109,40 +78,65 @@ class Balancer:
         self.method = METHOD_ALIASES.get(upstream.method, upstream.method)
         if self.method not in METHODS:
             raise ValueError(f"unknown balancing method {upstream.method!r}")
-        self.state = shared if shared is not None else LocalState()
+        self.servers = servers = tuple(upstream.servers)
+        if shared is None:
+            shared_state = LocalState(worker_slot + 1, max(16, len(servers)))
+        else:
+            shared_state = shared
+        self.state = state = shared_state
         self.shared = shared
+        self.q = state.q
         self.worker_slot = worker_slot
         self.clock = clock or time.monotonic
-        self.servers = tuple(upstream.servers)
-        self.sids = tuple(self.state.server_id(s.url) for s in self.servers)
-        self.rules = tuple((s.down, sid, s.max_fails, s.fail_timeout, s.max_conns)
-                           for s, sid in zip(self.servers, self.sids))
+        self.sids = tuple(state.server_id(s.url) for s in servers)
         self.index_of_sid = {sid: i for i, sid in enumerate(self.sids)}
-        self.primary = tuple(i for i, s in enumerate(self.servers) if not s.backup)
-        self.backup = tuple(i for i, s in enumerate(self.servers) if s.backup)
+        self.primary = tuple(i for i, s in enumerate(servers) if not s.backup)
+        self.backup = tuple(i for i, s in enumerate(servers) if s.backup)
         if self.method == "round_robin":
-            self.weights = tuple(1 for _ in self.servers)
+            self.weights = tuple(1 for _ in servers)
         else:
-            self.weights = tuple(max(1, s.weight) for s in self.servers)
-        self.current = [0] * len(self.servers)     # smooth WRR current weights
+            self.weights = tuple(max(1, s.weight) for s in servers)
+        self._resolve_words()
+        self.current = [0] * len(servers)         # smooth WRR current weights
         self.cursor = 0                            # least_connections tie rotation
         self.persistence = None
         if upstream.persistence.kind != "none":
             from mplb.persistence import make_persistence
             self.persistence = make_persistence(self, upstream.persistence)
 
+    def _resolve_words(self) -> None:
+        """Shared-memory word indexes and per-server limits, computed once."""
+        state, servers = self.state, self.servers
+        health = [state.health_word(sid) for sid in self.sids]
+        self._act = tuple(state.counter_word(self.worker_slot, sid) for sid in self.sids)
+        self._abase = tuple(state.active_words(sid)[0] for sid in self.sids)
+        self._hdown = tuple(h + H_DOWN for h in health)
+        self._hfails = tuple(h + H_FAILS for h in health)
+        self._hlast = tuple(h + H_LAST_FAIL for h in health)
+        self._down = tuple(s.down for s in servers)
+        self._max_conns = tuple(s.max_conns for s in servers)
+        self._max_fails = tuple(s.max_fails for s in servers)
+        self._timeout_us = tuple(int(s.fail_timeout * 1_000_000) for s in servers)
+
+        def pool(indexes):                         # configured-down servers never qualify
+            return tuple((i, self._hdown[i], self._hfails[i], self._max_conns[i])
+                         for i in indexes if not servers[i].down)
+        self._pools = (pool(self.primary), pool(self.backup))
+
     # -- the peer interface -------------------------------------------------------------
 
-    def get(self, request, tried=frozenset()) -> Optional[Pick]:
+    def get(self, request, tried=EMPTY) -> Optional[Pick]:
         """Choose a server for ``request`` (skipping ``tried`` indexes); None means 502."""
-        now = self.clock()
         if self.persistence is not None:
-            pick = self.persistence.get(request, tried, now)
+            pick = self.persistence.get(request, tried, None)
+            if pick is None:
+                return None
         else:
-            index = self.pick_index(tried, now)
-            pick = None if index is None else Pick(index, self.servers[index], self.sids[index])
-        if pick is not None:
-            self.state.add_active(self.worker_slot, pick.sid, 1)
+            index = self.pick_index(tried, None)
+            if index is None:
+                return None
+            pick = Pick(index, self.servers[index], self.sids[index])
+        self.q[self._act[pick.index]] += 1
         return pick
 
     def free(self, pick: Pick, failed: bool) -> None:
@@ -150,14 +144,17 @@ class Balancer:
         if pick is None or pick.freed:
             return
         pick.freed = True
-        self.state.add_active(self.worker_slot, pick.sid, -1)
-        server = pick.server
-        now = self.clock()
+        i = pick.index
+        q = self.q
+        q[self._act[i]] -= 1
         if failed:
-            self.state.record_failure(self.worker_slot, pick.sid, now,
+            server = pick.server
+            self.state.record_failure(self.worker_slot, pick.sid, self.clock(),
                                       server.max_fails, server.fail_timeout)
-        else:
-            self.state.record_success(pick.sid, now, server.max_fails, server.fail_timeout)
+        elif q[self._hfails[i]]:                   # lock-free common case: no failures
+            server = pick.server
+            self.state.record_success(pick.sid, self.clock(), server.max_fails,
+                                      server.fail_timeout)
 
     def response_headers(self, pick, request, response_headers) -> list:
         """Extra raw header lines for the client response (persistence cookies)."""
@@ -165,72 +162,109 @@ class Balancer:
             return []
         return self.persistence.response_headers(pick, request, response_headers)
 
-    # -- method and eligibility ---------------------------------------------------------
+    # -- eligibility ----------------------------------------------------------------------
 
-    def eligible(self, index: int, tried, now) -> bool:
-        """The one filter every method and persistence mode uses."""
-        if index in tried:
+    def eligible(self, index: int, tried=EMPTY, now=None) -> bool:
+        """The one filter every method and persistence mode uses (``now`` may be None)."""
+        if index in tried or self._down[index]:
             return False
-        down, sid, max_fails, fail_timeout, max_conns = self.rules[index]
-        if down:
+        q = self.q
+        if q[self._hdown[index]]:
             return False
-        state = self.state
-        if max_fails and state.is_failed(sid, now, max_fails, fail_timeout):
+        if q[self._hfails[index]] and self._failed(index, now):
             return False
-        if state.health_down(sid):
-            return False
-        if max_conns and state.active_total(sid) >= max_conns:
-            return False
-        return True
+        max_conns = self._max_conns[index]
+        return not (max_conns and self.active_total(index) >= max_conns)
 
-    def primary_available(self, tried, now) -> bool:
+    def _failed(self, index: int, now) -> bool:
+        """Passive failure: max_fails failures, the last one within fail_timeout."""
+        max_fails = self._max_fails[index]
+        if not max_fails or self.q[self._hfails[index]] < max_fails:
+            return False
+        if now is None:
+            now = self.clock()
+        return int(now * 1_000_000) - self.q[self._hlast[index]] < self._timeout_us[index]
+
+    def active_total(self, index: int) -> int:
+        """Active connections to server ``index`` summed over every worker slot."""
+        q = self.q
+        base = self._abase[index]
+        return sum(q[base:base + q[SLOTS_USED] * NFIELDS:NFIELDS])
+
+    def primary_available(self, tried=EMPTY, now=None) -> bool:
         """Some primary is eligible (a persisted backup must then give way)."""
         return any(self.eligible(i, tried, now) for i in self.primary)
 
-    def pick_index(self, tried, now) -> Optional[int]:
+    # -- methods ------------------------------------------------------------------------
+
+    def pick_index(self, tried=EMPTY, now=None) -> Optional[int]:
         """Run the configured method over primaries, then over backups."""
-        for group in (self.primary, self.backup):
-            candidates = [i for i in group if self.eligible(i, tried, now)]
-            if candidates:
-                if self.method == "least_connections":
-                    return self._least_connections(candidates)
-                return self._smooth_weighted(candidates)
+        if self.method == "least_connections":
+            for pool in self._pools:
+                index = self._least_connections(pool, tried, now)
+                if index is not None:
+                    return index
+            return None
+        for pool in self._pools:
+            index = self._smooth_weighted(pool, tried, now)
+            if index is not None:
+                return index
         return None
 
-    def _smooth_weighted(self, candidates) -> int:
+    def _smooth_weighted(self, pool, tried, now) -> Optional[int]:
         """nginx's smooth WRR: add weights, take the max, subtract the total from it."""
-        current, weights = self.current, self.weights
+        q, current, weights = self.q, self.current, self.weights
         total = 0
         best = -1
-        best_weight = None
-        for i in candidates:
+        best_weight = 0
+        for i, hdown, hfails, max_conns in pool:
+            if (tried and i in tried) or q[hdown]:
+                continue
+            if q[hfails] and self._failed(i, now):
+                continue
+            if max_conns and self.active_total(i) >= max_conns:
+                continue
             w = weights[i]
-            current[i] += w
+            cw = current[i] + w
+            current[i] = cw
             total += w
-            if best_weight is None or current[i] > best_weight:
-                best, best_weight = i, current[i]
-        current[best] -= total
+            if best < 0 or cw > best_weight:
+                best, best_weight = i, cw
+        if best < 0:
+            return None
+        current[best] = best_weight - total
         return best
 
-    def _least_connections(self, candidates) -> int:
+    def _least_connections(self, pool, tried, now) -> Optional[int]:
         """Fewest active/weight across all workers; ties rotate round robin."""
-        state, weights, sids = self.state, self.weights, self.sids
-        tied = []
-        best_active = best_weight = None
-        for i in candidates:
-            active, weight = state.active_total(sids[i]), weights[i]
-            if best_active is None or active * best_weight < best_active * weight:
-                tied = [i]
-                best_active, best_weight = active, weight
-            elif active * best_weight == best_active * weight:
-                tied.append(i)
-        if len(tied) == 1:
-            choice = tied[0]
-        else:
-            after = [i for i in tied if i >= self.cursor]
-            choice = after[0] if after else tied[0]
-        self.cursor = choice + 1
-        return choice
+        q, weights = self.q, self.weights
+        span = q[SLOTS_USED] * NFIELDS
+        n = len(self.servers)
+        cursor = self.cursor
+        best = -1
+        best_active = best_weight = best_turn = 0
+        for i, hdown, hfails, max_conns in pool:
+            if (tried and i in tried) or q[hdown]:
+                continue
+            if q[hfails] and self._failed(i, now):
+                continue
+            base = self._abase[i]
+            active = sum(q[base:base + span:NFIELDS])
+            if max_conns and active >= max_conns:
+                continue
+            weight = weights[i]
+            turn = (i - cursor) % n                # tie: first at or after the cursor
+            if best < 0:
+                better = True
+            else:
+                lhs, rhs = active * best_weight, best_active * weight
+                better = lhs < rhs or (lhs == rhs and turn < best_turn)
+            if better:
+                best, best_active, best_weight, best_turn = i, active, weight, turn
+        if best < 0:
+            return None
+        self.cursor = best + 1
+        return best
 
 
 def init_upstream(upstream, shared, worker_slot: int, clock: Optional[Callable] = None) -> Balancer:

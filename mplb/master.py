@@ -22,6 +22,7 @@ log = logging.getLogger("mplb.master")
 
 HEARTBEAT_TIMEOUT = 10.0     # a worker silent this long is killed and replaced
 FAST_STOP_GRACE = 1.5        # TERM/INT: seconds before survivors get SIGKILL
+RELOAD_READY_TIMEOUT = 15.0  # a new generation must report ready within this
 EXIT_BOOT_FAILURE = 3        # mirrors workers.worker.EXIT_BOOT_FAILURE
 SIGNALS = ("HUP", "QUIT", "TERM", "INT", "USR1", "TTIN", "TTOU", "CHLD")
 
@@ -37,6 +38,7 @@ class WorkerProcess:
         self.control = control          # master end of the control socketpair
         self.last_heartbeat = time.monotonic()
         self.retiring = False
+        self.ready = False              # it reported b"r": accepting and able to adopt
         self.kill_sent = None
 
 
@@ -60,6 +62,8 @@ class Master:
         self.health = None
         self.selector = None
         self.boot_failed = False
+        self.reload = None              # a reload waiting for its new generation to be ready
+        self.reload_again = False       # HUP arrived during a reload
 
     @property
     def worker_count(self):
@@ -156,7 +160,11 @@ class Master:
                 continue
             self._forget(worker)
             code = os.waitstatus_to_exitcode(status)
-            if code == EXIT_BOOT_FAILURE and not worker.retiring:
+            if code == EXIT_BOOT_FAILURE and self.reload is not None \
+                    and worker.generation == self.generation:
+                log.error("worker process %d of the new configuration failed to boot", pid)
+                self.roll_back_reload()
+            elif code == EXIT_BOOT_FAILURE and not worker.retiring:
                 log.error("worker process %d failed to boot; stopping", pid)
                 self.boot_failed = True
                 self.stopping = self.stopping or "fast"
@@ -191,6 +199,8 @@ class Master:
                 data = b""
             if data:
                 worker.last_heartbeat = time.monotonic()
+                if b"r" in data:
+                    worker.ready = True
             else:
                 try:
                     self.selector.unregister(worker.control)
@@ -213,7 +223,8 @@ class Master:
     def start_missing_workers(self):
         if self.stopping or self.boot_failed:
             return
-        current = [w for w in self.workers.values() if not w.retiring]
+        current = [w for w in self.workers.values()
+                   if not w.retiring and w.generation == self.generation]
         for _ in range(self.worker_count - len(current)):
             self.spawn_worker()
         for worker in current[self.worker_count:]:
@@ -246,6 +257,7 @@ class Master:
                     continue
                 self.kill_silent_workers()
                 self.start_missing_workers()
+                self.advance_reload()
         finally:
             self.cleanup()
         return 1 if self.boot_failed else 0
@@ -297,6 +309,10 @@ class Master:
     def handle_hup(self):
         from mplb.config import load
         log.info("reloading configuration %s", self.config_path)
+        if self.reload is not None:
+            log.warning("a reload is still in progress; this one follows it")
+            self.reload_again = True
+            return
         try:
             config = load(self.config_path)
             register_upstreams(config, self.shared)
@@ -304,23 +320,61 @@ class Master:
         except (ConfigError, StartupError) as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
             return
-        for key, (sock, listen) in self.sockets.items():
-            if key not in sockets:
-                sock.close()
-        old = [w for w in self.workers.values()]
+        self.reload = {
+            "old_workers": [w for w in self.workers.values() if not w.retiring],
+            "previous": (self.config, self.sockets, self.generation),
+            "deadline": time.monotonic() + RELOAD_READY_TIMEOUT,
+        }
         self.config = config
         self.sockets = sockets
         self.generation += 1
-        self.shared.set_generation(self.generation)
-        self.shared.count_reload()
         if self.health is not None:
             self.health.update_config(config)
-        self.workers_override = self.workers_override
         for _ in range(self.worker_count):
             self.spawn_worker()
-        for worker in old:
-            self.retire(worker)
-        log.info("reloaded: generation %d", self.generation)
+
+    def advance_reload(self):
+        """Retire the old generation once every new worker reports it is ready."""
+        reload = self.reload
+        if reload is None:
+            return
+        new = [w for w in self.workers.values() if w.generation == self.generation]
+        if new and all(w.ready for w in new):
+            previous_sockets = reload["previous"][1]
+            for key, (sock, _) in previous_sockets.items():
+                if key not in self.sockets:
+                    sock.close()
+            for worker in reload["old_workers"]:
+                if worker.pid in self.workers:
+                    self.retire(worker)
+            self.shared.set_generation(self.generation)
+            self.shared.count_reload()
+            self.reload = None
+            log.info("reloaded: generation %d serving", self.generation)
+            if self.reload_again:
+                self.reload_again = False
+                self.handle_hup()
+        elif time.monotonic() > reload["deadline"]:
+            log.error("new workers did not become ready within %ss", RELOAD_READY_TIMEOUT)
+            self.roll_back_reload()
+
+    def roll_back_reload(self):
+        """The new generation cannot serve: retire it and keep the old one."""
+        reload, self.reload = self.reload, None
+        if reload is None:
+            return
+        config, sockets, generation = reload["previous"]
+        for worker in list(self.workers.values()):
+            if worker.generation == self.generation:
+                self.retire(worker)
+                self._signal(worker.pid, signal.SIGTERM)
+        for key, (sock, _) in self.sockets.items():
+            if key not in sockets:
+                sock.close()
+        self.config, self.sockets, self.generation = config, sockets, generation
+        if self.health is not None:
+            self.health.update_config(config)
+        log.error("reload rolled back: generation %d keeps serving", generation)
 
     def _stop_progress(self) -> bool:
         """True once every worker has exited (or been killed after the fast-stop grace)."""

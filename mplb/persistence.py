@@ -66,6 +66,8 @@ def _text(value) -> str:
 class _Wrapper:
     """Shared get() shape: lookup -> hit, else the method's pick recorded as miss/repick."""
 
+    uses_clock = False           # a table with TTLs needs the time; the others do not
+
     def __init__(self, balancer, cfg):
         self.b = balancer
         self.cfg = cfg
@@ -75,14 +77,17 @@ class _Wrapper:
         """Known server index (-1 for a known server no longer configured) or None."""
         return None
 
-    def record(self, request, pick, now) -> None:
-        pass
+    def record(self, request, pick, now, first: bool):
+        """Remember ``pick``; with ``first`` keep (and return) a record another worker made."""
+        return None
 
-    def get(self, request, tried, now):
+    def get(self, request, tried, now=None):
         b = self.b
+        if now is None and self.uses_clock:
+            now = b.clock()
         known = self.lookup(request, now)
-        if (known is not None and known >= 0 and b.eligible(known, tried, now)
-                and not (b.servers[known].backup and b.primary_available(tried, now))):
+        if known is not None and known >= 0 and b.eligible(known, tried, now) and \
+                not (b.servers[known].backup and b.primary_available(tried, now)):
             pick = Pick(known, b.servers[known], b.sids[known], "hit")
             pick.cookie_valid = True
             return pick
@@ -90,7 +95,13 @@ class _Wrapper:
         if index is None:
             return None
         pick = Pick(index, b.servers[index], b.sids[index], "miss" if known is None else "repick")
-        self.record(request, pick, now)
+        existing = self.record(request, pick, now, known is None)
+        if existing is not None and existing != pick.sid:
+            # Another worker recorded this new client a moment ago: follow that record.
+            other = b.index_of_sid.get(existing)
+            if other is not None and b.eligible(other, tried, now):
+                pick = Pick(other, b.servers[other], existing, "hit")
+                pick.cookie_valid = True
         return pick
 
     def response_headers(self, pick, request, response_headers) -> list:
@@ -99,6 +110,8 @@ class _Wrapper:
 
 class IpHash(_Wrapper):
     """Client IP -> server, in a shared table with TTL and LRU (all workers agree)."""
+
+    uses_clock = True
 
     def __init__(self, balancer, cfg):
         super().__init__(balancer, cfg)
@@ -116,8 +129,8 @@ class IpHash(_Wrapper):
             return None
         return self.b.index_of_sid.get(sid, -1)
 
-    def record(self, request, pick, now):
-        self.table.put(self.key(request), pick.sid, now)
+    def record(self, request, pick, now, first):
+        return self.table.put(self.key(request), pick.sid, now, replace=not first)
 
 
 class InsertCookie(_Wrapper):
@@ -170,6 +183,8 @@ class InsertCookie(_Wrapper):
 class LearnCookie(_Wrapper):
     """learn=COOKIE: the backend's session id -> server, learned from its Set-Cookie."""
 
+    uses_clock = True
+
     def __init__(self, balancer, cfg):
         super().__init__(balancer, cfg)
         self.name = cfg.learn
@@ -191,10 +206,11 @@ class LearnCookie(_Wrapper):
             return None
         return self.b.index_of_sid.get(sid, -1)
 
-    def record(self, request, pick, now):
+    def record(self, request, pick, now, first):
         session = self.session(request)
         if session is not None:                  # keep an unknown/moved session together
-            self.table.put(session, pick.sid, now)
+            return self.table.put(session, pick.sid, now, replace=not first)
+        return None
 
     def response_headers(self, pick, request, response_headers) -> list:
         """Record session ids the backend sets; response_headers: (name, value) pairs."""
@@ -255,7 +271,7 @@ class ConsistentHash(_Wrapper):
         pos = bisect.bisect_left(self.points, h)
         return pos if pos < len(self.points) else 0
 
-    def get(self, request, tried, now):
+    def get(self, request, tried, now=None):
         b = self.b
         if self.points:
             pos = self.ring_owner(self.key(request))

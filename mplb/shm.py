@@ -35,30 +35,23 @@ Concurrency scheme:
   (threads of one process do not exclude each other; only the master runs threads and its
   health threads never take locks) and closing *any* descriptor of this file in a process
   drops that process's locks, so never open a second descriptor to it in a worker.
-- Tables are read lock-free with a per-entry seqlock: a writer (holding the stripe lock)
-  makes ``seq`` odd, writes the entry, makes it even; a reader retries while ``seq`` is odd
-  or changed, and after a few retries takes the stripe lock (a writer killed mid-write
-  leaves ``seq`` odd; under the lock that entry reads as empty and the next insert repairs
-  it).  x86-64 keeps stores ordered with stores and loads with loads, which is what the
-  seqlock needs; a weakly ordered CPU would need barriers.
-- A table is set-associative: a key hashes (blake2b-128 keyed with the per-master salt, so
-  clients cannot aim at one group) to a group of 16 entries.  Entries are filled in order
-  and never cleared, so a lookup stops at the first empty entry.  An insert into a full
-  group replaces the entry with the oldest last-used time: an expired entry first, else an
-  approximate LRU (least recently used within the group, not the whole table).  Readers
-  refresh "last used" with a plain racy store (at most once a second): a lost or misplaced
-  refresh only makes an entry look a little older or newer.
+- Tables (mplb.shmtable): writers hold the group's stripe lock, readers use a per-entry
+  seqlock; the table module's docstring describes the scheme.
+- Hot path (mplb.balancing): a balancer resolves every word offset it needs once, at
+  init (``counter_word``, ``health_word``, ``active_words``), and then reads and writes
+  ``q`` directly: a pick is a handful of aligned loads and one store.
 """
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import mmap
 import os
 import struct
 import time
 
 from mplb.errors import MplbError
+from mplb.shmtable import (ENTRY_WORDS, GROUP, LOCK_GLOBAL, LOCK_HEALTH, LOCK_TABLE,  # noqa: F401
+                           STRIPES, TOUCH_US, ShmTable, StripeLocks, digest_words,
+                           private_table)
 
 MAGIC = b"MPLBSHM1"
 VERSION = 1
@@ -74,13 +67,7 @@ WORKER_WORDS = 8
 W_PID, W_GENERATION, W_CONNECTIONS, W_REQUESTS, W_STARTED = range(5)
 TABLE_DIR_BYTES = 128
 TABLE_NAME_MAX = 64
-ENTRY_WORDS = 5
-GROUP = 16
-STRIPES = 256
-LOCK_GLOBAL = 0                  # lock byte offsets (locks may lie beyond the file end)
-LOCK_HEALTH = 1                  # + stripe
-LOCK_TABLE = 1 + STRIPES         # + stripe
-TOUCH_US = 1_000_000
+HDR_SLOTS_USED = 13              # header word: worker slots high-water mark
 
 
 def segment_path(master_pid: int, directory: str = "/dev/shm") -> str:
@@ -92,147 +79,23 @@ def now_us(clock_value: float) -> int:
     return int(clock_value * 1_000_000)
 
 
-def digest_words(data: bytes, salt: bytes) -> tuple:
-    """A bounded 128-bit key for any client-supplied bytes; (0, 0) is reserved for empty."""
-    k1, k2 = struct.unpack("<qq", hashlib.blake2b(data, digest_size=16, key=salt).digest())
-    if k1 == 0 and k2 == 0:
-        k2 = 1
-    return k1, k2
-
-
-class StripeLocks:
-    """fcntl byte-range locks on the segment file; a no-op when there is no file."""
-
-    def __init__(self, fd):
-        self.fd = fd
-
-    def acquire(self, offset: int) -> None:
-        if self.fd is not None:
-            fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, offset, os.SEEK_SET)
-
-    def release(self, offset: int) -> None:
-        if self.fd is not None:
-            fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, offset, os.SEEK_SET)
-
-
-class ShmTable:
-    """A fixed-capacity set-associative table (key bytes -> int64) with TTL and ~LRU."""
-
-    def __init__(self, words, start_word: int, capacity: int, ttl_us: int, salt: bytes,
-                 locks: StripeLocks, stripe_seed: int = 0, name: str = ""):
-        self.q = words
-        self.start = start_word
-        self.capacity = capacity
-        self.groups = capacity // GROUP
-        self.ttl_us = ttl_us
-        self.salt = salt
-        self.locks = locks
-        self.seed = stripe_seed
-        self.name = name
-
-    def _group(self, k1: int) -> tuple:
-        g = k1 % self.groups
-        return self.start + g * GROUP * ENTRY_WORDS, LOCK_TABLE + (g + self.seed) % STRIPES
-
-    def get(self, key: bytes, now: float):
-        """The live value for ``key`` or None; refreshes its last-used time."""
-        k1, k2 = digest_words(key, self.salt)
-        base, lock = self._group(k1)
-        q = self.q
-        t = now_us(now)
-        for i in range(GROUP):
-            off = base + i * ENTRY_WORDS
-            entry = self._read(off, lock)
-            if entry is None or (entry[0] == 0 and entry[1] == 0):
-                return None
-            if entry[0] == k1 and entry[1] == k2:
-                if t - entry[3] > self.ttl_us:
-                    return None
-                if t - entry[3] > TOUCH_US:
-                    q[off + 4] = t          # racy refresh, benign (see module docstring)
-                return entry[2]
-        return None
-
-    def _read(self, off: int, lock: int):
-        """Seqlock read of (k1, k2, value, last_used); None for a dead writer's entry."""
-        q = self.q
-        for _ in range(100):
-            s1 = q[off]
-            if s1 & 1:
-                continue
-            entry = (q[off + 1], q[off + 2], q[off + 3], q[off + 4])
-            if q[off] == s1:
-                return entry
-        self.locks.acquire(lock)
-        try:
-            if q[off] & 1:
-                return None
-            return (q[off + 1], q[off + 2], q[off + 3], q[off + 4])
-        finally:
-            self.locks.release(lock)
-
-    def put(self, key: bytes, value: int, now: float) -> None:
-        """Insert or update ``key``; a full group loses its least recently used entry."""
-        k1, k2 = digest_words(key, self.salt)
-        base, lock = self._group(k1)
-        q = self.q
-        t = now_us(now)
-        self.locks.acquire(lock)
-        try:
-            victim = corpse = None
-            oldest = None
-            for i in range(GROUP):
-                off = base + i * ENTRY_WORDS
-                e1, e2 = q[off + 1], q[off + 2]
-                if e1 == k1 and e2 == k2:
-                    victim = off
-                    break
-                if q[off] & 1:                       # torn by a dead writer: reusable
-                    corpse = corpse or off
-                    continue
-                if e1 == 0 and e2 == 0:
-                    victim = corpse or off
-                    break
-                used = q[off + 4]
-                if oldest is None or used < oldest:
-                    victim, oldest = off, used
-            else:
-                victim = corpse or victim
-            seq = q[victim] | 1                      # odd: writing (repairs an odd corpse)
-            q[victim] = seq
-            q[victim + 1] = k1
-            q[victim + 2] = k2
-            q[victim + 3] = value
-            q[victim + 4] = t
-            q[victim] = seq + 1
-        finally:
-            self.locks.release(lock)
-
-    def delete(self, key: bytes) -> None:
-        """Expire ``key`` (the entry stays in place so lookups still stop correctly)."""
-        k1, k2 = digest_words(key, self.salt)
-        base, lock = self._group(k1)
-        q = self.q
-        self.locks.acquire(lock)
-        try:
-            for i in range(GROUP):
-                off = base + i * ENTRY_WORDS
-                if q[off + 1] == k1 and q[off + 2] == k2:
-                    seq = q[off] | 1
-                    q[off] = seq
-                    q[off + 4] = -(1 << 62)
-                    q[off] = seq + 1
-                    return
-        finally:
-            self.locks.release(lock)
-
-    def count(self, now: float) -> int:
-        """Live entries (a scan; for statistics only)."""
-        cutoff = now_us(now) - self.ttl_us
-        end = self.start + self.capacity * ENTRY_WORDS
-        col = self.q[self.start + 4:end:ENTRY_WORDS]
-        keys = self.q[self.start + 1:end:ENTRY_WORDS]
-        return sum(1 for used, k in zip(col, keys) if used >= cutoff and used != 0)
+def segment_layout(max_workers, max_servers, table_entries, max_tables) -> tuple:
+    """(header bytes, total size) of a segment with these capacities."""
+    table_entries = max(GROUP, -(-table_entries // GROUP) * GROUP)
+    sizes = [HEADER_BYTES, max_servers * URL_ENTRY_BYTES,
+             max_servers * max_workers * NFIELDS * 8, max_servers * HEALTH_WORDS * 8,
+             max_workers * WORKER_WORDS * 8, max_tables * TABLE_DIR_BYTES,
+             table_entries * ENTRY_WORDS * 8]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    total = -(-sum(sizes) // mmap.PAGESIZE) * mmap.PAGESIZE
+    header = bytearray(HEADER_BYTES)
+    struct.pack_into("<8s15q", header, 0, MAGIC, VERSION, total, os.getpid(), 0, 0,
+                     int(time.time() * 1e6), max_workers, max_servers, max_tables,
+                     table_entries, 0, 0, 0, 0, 0)
+    struct.pack_into("<6q", header, 128, *offsets[1:])
+    header[256:272] = os.urandom(16)
+    header[272:304] = os.urandom(32)
+    return bytes(header), total
 
 
 class SharedState:
@@ -264,13 +127,7 @@ class SharedState:
     def create(cls, path: str, max_workers: int, max_servers: int = 1024,
                table_entries: int = 65536 * 2, max_tables: int = 64) -> "SharedState":
         """Master, before the first fork: make and initialise the segment file."""
-        table_entries = max(GROUP, -(-table_entries // GROUP) * GROUP)
-        sizes = [HEADER_BYTES, max_servers * URL_ENTRY_BYTES,
-                 max_servers * max_workers * NFIELDS * 8, max_servers * HEALTH_WORDS * 8,
-                 max_workers * WORKER_WORDS * 8, max_tables * TABLE_DIR_BYTES,
-                 table_entries * ENTRY_WORDS * 8]
-        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-        total = -(-sum(sizes) // mmap.PAGESIZE) * mmap.PAGESIZE
+        header, total = segment_layout(max_workers, max_servers, table_entries, max_tables)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             os.ftruncate(fd, total)
@@ -279,13 +136,7 @@ class SharedState:
             os.close(fd)
             os.unlink(path)
             raise
-        header = struct.pack("<8s15q", MAGIC, VERSION, total, os.getpid(), 0, 0,
-                             int(time.time() * 1e6), max_workers, max_servers, max_tables,
-                             table_entries, 0, 0, 0, 0, 0)
         mm[:len(header)] = header
-        mm[128:128 + 8 * 6] = struct.pack("<6q", *offsets[1:])
-        mm[256:272] = os.urandom(16)
-        mm[272:304] = os.urandom(32)
         return cls(path, fd, mm, True)
 
     @classmethod
@@ -313,6 +164,8 @@ class SharedState:
 
     def unlink(self) -> None:
         """Master, at exit: remove the segment file (mappings stay valid until closed)."""
+        if self.path is None:
+            return
         try:
             os.unlink(self.path)
         except FileNotFoundError:
@@ -382,6 +235,22 @@ class SharedState:
 
     def _cell(self, worker_slot: int, sid: int) -> int:
         return self.off_counters + (sid * self.max_workers + worker_slot) * NFIELDS
+
+    def counter_word(self, worker_slot: int, sid: int, field: int = ACTIVE) -> int:
+        """Index in ``q`` of one counter of one worker slot (the hot path writes it)."""
+        if not 0 <= worker_slot < self.max_workers:
+            raise MplbError(f"worker slot {worker_slot} outside 0..{self.max_workers - 1}")
+        return self._cell(worker_slot, sid) + field
+
+    def active_words(self, sid: int) -> tuple:
+        """(first index, stride) of the ACTIVE words of ``sid``: sum the first slots_used."""
+        return self.off_counters + sid * self.max_workers * NFIELDS + ACTIVE, NFIELDS
+
+    def health_word(self, sid: int) -> int:
+        """Index in ``q`` of the health record of ``sid`` (H_* offsets within it)."""
+        return self._health(sid)
+
+    slots_used = property(lambda self: self.q[HDR_SLOTS_USED])
 
     def add_active(self, worker_slot: int, sid: int, delta: int) -> None:
         self.q[self._cell(worker_slot, sid) + ACTIVE] += delta

@@ -1,127 +1,260 @@
 """Statistics from the shared segment: one snapshot, three renderings.
 
 ``collect`` reads the segment into plain data (the JSON shape of spec section 7);
-``render`` answers the ``mplb_status`` location with JSON, Prometheus text
-(``?format=prometheus``) or the HTML dashboard (for a client that asks for text/html).
+``render`` answers the ``mplb_status`` location with JSON (the default), Prometheus text
+(``?format=prometheus``) or the HTML dashboard (``?format=html``, or a client whose
+``Accept`` asks for ``text/html`` without ``?format=json``).
+
+The same ``collect`` serves ``mplb-stats`` (mplb/stats_cli.py), which maps the segment
+read-only: nothing here writes to the segment.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
+from urllib.parse import parse_qs
+
+log = logging.getLogger("mplb.status")
 
 SERVER_FIELDS = ("active", "tunnels", "requests", "failures", "bytes_in", "bytes_out")
+FORMATS = ("json", "prometheus", "html")
+
+CONTENT_TYPES = {
+    "json": b"application/json",
+    "prometheus": b"text/plain; version=0.0.4; charset=utf-8",
+    "html": b"text/html; charset=utf-8",
+}
 
 
-def collect(shared, config) -> dict:
-    """A snapshot of the running instance as plain data."""
-    header = shared.q
-    started = header[6] / 1e6
+# -- snapshot ---------------------------------------------------------------------------
+
+def collect(shared, config, now_wall: float = None) -> dict:
+    """A snapshot of the running instance as plain data (spec section 7 shape, plus extras).
+
+    ``config`` may be None (a tool without the configuration): servers are then listed
+    by URL from the segment's directory under the upstream name ``null``.
+    """
+    now_wall = time.time() if now_wall is None else now_wall
+    now = time.monotonic()
+    generation = shared.generation
     data = {
-        "pid": header[3],
-        "uptime_s": round(time.time() - started, 3),
-        "generation": header[4],
-        "reloads": header[5],
+        "pid": shared.master_pid,
+        "uptime_s": round(max(0.0, now_wall - shared.start_time), 3),
+        "start_time": round(shared.start_time, 3),
+        "generation": generation,
+        "reloads": shared.reloads,
         "workers": [
             {"pid": w["pid"], "generation": w["generation"], "connections": w["connections"],
-             "requests": w["requests"]}
+             "requests": w["requests"], "slot": w["slot"],
+             "uptime_s": round(max(0.0, now_wall - w["started"]), 3) if w["started"] else None,
+             "retiring": w["generation"] != generation}
             for w in shared.workers()
         ],
         "upstreams": {},
     }
-    tables = shared.tables()
-    now = time.monotonic()
+    tables = persistence_tables(shared, now)
+    if config is None:
+        data["servers"] = [server_entry(shared, url, None, now) for url in shared.server_urls()]
+        data["persistence_tables"] = tables
+        return data
     for name, upstream in config.upstreams.items():
-        servers = []
-        for server in upstream.servers:
-            counters = shared.server_counters(server.url)
-            entry = {"server": server.hostport, "url": server.url,
-                     "state": shared.server_state(server.url, server, now),
-                     "weight": server.weight, "backup": server.backup,
-                     "max_conns": server.max_conns}
-            entry.update({field: counters[field] for field in SERVER_FIELDS})
-            servers.append(entry)
+        entries, capacity = table_usage(tables, upstream)
         data["upstreams"][name] = {
             "method": upstream.method,
             "persistence": upstream.persistence.kind,
-            "persistence_entries": _table_entries(tables, name),
-            "servers": servers,
+            "persistence_entries": entries,
+            "persistence_capacity": capacity,
+            "implicit": bool(getattr(upstream, "implicit", False)),
+            "servers": [server_entry(shared, server.url, server, now)
+                        for server in upstream.servers],
         }
     return data
 
 
-def _table_entries(tables, upstream_name):
-    return sum(count for table, count in tables.items()
-               if table.split(":", 1)[-1] == upstream_name or table.startswith(upstream_name + ":")
-               or table == upstream_name)
+_TABLES_CACHE = {}          # id(shared) -> (monotonic time, tables); see persistence_tables
+TABLES_MAX_AGE = 1.0
+
+
+def persistence_tables(shared, now: float) -> dict:
+    """``shared.tables()``, reused for up to a second.
+
+    Counting live entries scans every entry of every table (about 20 ms for a 65536-entry
+    table), and a worker answering a dashboard that refreshes every two seconds should not
+    stall its other connections for that each time.
+    """
+    key = id(shared)
+    cached = _TABLES_CACHE.get(key)
+    if cached is not None and 0 <= now - cached[0] < TABLES_MAX_AGE and cached[2] is shared:
+        return cached[1]
+    tables = shared.tables(now)
+    _TABLES_CACHE.clear()
+    _TABLES_CACHE[key] = (now, tables, shared)
+    return tables
+
+
+def server_entry(shared, url, server, now) -> dict:
+    """One server's row: identity, configured flags, state and summed counters."""
+    try:
+        state = shared.server_state(url, server, now)
+    except KeyError:            # read-only mapping, server never registered
+        state = "down" if server is not None and server.down else "unknown"
+    counters = shared.server_counters(url)
+    if server is not None:
+        entry = {"server": server.hostport, "url": url, "state": state,
+                 "weight": server.weight, "backup": server.backup, "down": server.down,
+                 "max_conns": server.max_conns, "max_fails": server.max_fails,
+                 "fail_timeout": server.fail_timeout}
+    else:
+        entry = {"server": hostport_of(url), "url": url, "state": state, "weight": None}
+    entry.update({field: int(counters[field]) for field in SERVER_FIELDS})
+    return entry
+
+
+def hostport_of(url: str) -> str:
+    rest = url.split("://", 1)[-1]
+    return rest.split("/", 1)[0]
+
+
+def table_usage(tables: dict, upstream) -> tuple:
+    """(entries, capacity) of the persistence table(s) the upstream uses now.
+
+    Table names start with ``"<upstream>:"`` (mplb/persistence.py); after a reload that
+    changed the table size an older table of the same upstream may still exist, so the
+    one named for the current settings wins when it is there.
+    """
+    persistence = upstream.persistence
+    if persistence.kind == "ip_hash":
+        wanted = f"{upstream.name}:ip_hash:{persistence.table_size}"
+    elif persistence.kind == "cookie" and persistence.learn:
+        wanted = f"{upstream.name}:learn:{persistence.learn}:{persistence.table_size}"
+    else:
+        wanted = None
+    if wanted in tables:
+        info = tables[wanted]
+        return info["entries"], info["capacity"]
+    mine = [info for name, info in tables.items() if name.startswith(upstream.name + ":")]
+    if not mine:
+        return 0, 0
+    return sum(i["entries"] for i in mine), sum(i["capacity"] for i in mine)
+
+
+# -- Prometheus text exposition format 0.0.4 --------------------------------------------
+
+def _label(value) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _labels(**labels) -> str:
+    return "{" + ",".join(f'{k}="{_label(v)}"' for k, v in labels.items()) + "}"
+
+
+def _number(value) -> str:
+    if value is None:
+        return "NaN"
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, float):
+        return repr(value)
+    return str(int(value))
+
+
+SERVER_METRICS = (
+    ("active", "mplb_server_active_connections", "gauge",
+     "Active connections to the server, WebSocket tunnels included."),
+    ("tunnels", "mplb_server_tunnels", "gauge", "Open WebSocket tunnels to the server."),
+    ("requests", "mplb_server_requests_total", "counter",
+     "Requests and upgrades sent to the server."),
+    ("failures", "mplb_server_failures_total", "counter", "Failed attempts to use the server."),
+    ("bytes_in", "mplb_server_received_bytes_total", "counter",
+     "Bytes received from the server."),
+    ("bytes_out", "mplb_server_sent_bytes_total", "counter", "Bytes sent to the server."),
+    ("weight", "mplb_server_weight", "gauge", "Configured weight of the server."),
+)
+STATES = ("up", "down", "failed", "backup")
 
 
 def to_prometheus(data) -> str:
-    """Prometheus text exposition format 0.0.4."""
-    lines = [
-        "# HELP mplb_uptime_seconds Seconds since the master started.",
-        "# TYPE mplb_uptime_seconds gauge",
-        f"mplb_uptime_seconds {data['uptime_s']}",
-        "# HELP mplb_generation Current worker generation.",
-        "# TYPE mplb_generation gauge",
-        f"mplb_generation {data['generation']}",
-        "# HELP mplb_reloads_total Configuration reloads.",
-        "# TYPE mplb_reloads_total counter",
-        f"mplb_reloads_total {data['reloads']}",
-        "# HELP mplb_worker_connections Client connections held by a worker.",
-        "# TYPE mplb_worker_connections gauge",
-    ]
-    for worker in data["workers"]:
-        lines.append(f'mplb_worker_connections{{pid="{worker["pid"]}",'
-                     f'generation="{worker["generation"]}"}} {worker["connections"]}')
-    metrics = {
-        "active": ("gauge", "Active connections to the server (tunnels included)."),
-        "tunnels": ("gauge", "Open WebSocket tunnels to the server."),
-        "requests": ("counter", "Requests and upgrades sent to the server."),
-        "failures": ("counter", "Failed attempts to use the server."),
-        "bytes_in": ("counter", "Bytes received from the server."),
-        "bytes_out": ("counter", "Bytes sent to the server."),
-    }
-    for field, (kind, help_text) in metrics.items():
-        name = f"mplb_server_{field}" + ("_total" if kind == "counter" else "")
-        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-        for upstream, info in data["upstreams"].items():
-            for server in info["servers"]:
-                lines.append(f'{name}{{upstream="{_label(upstream)}",'
-                             f'server="{_label(server["server"])}"}} {server[field]}')
-    lines += ["# HELP mplb_server_up Whether the server is eligible (1) or not (0).",
-              "# TYPE mplb_server_up gauge"]
-    for upstream, info in data["upstreams"].items():
-        for server in info["servers"]:
-            up = 1 if server["state"] in ("up", "backup") else 0
-            lines.append(f'mplb_server_up{{upstream="{_label(upstream)}",'
-                         f'server="{_label(server["server"])}",state="{server["state"]}"}} {up}')
-    lines += ["# HELP mplb_persistence_entries Entries in the upstream's persistence table.",
-              "# TYPE mplb_persistence_entries gauge"]
-    for upstream, info in data["upstreams"].items():
-        lines.append(f'mplb_persistence_entries{{upstream="{_label(upstream)}"}} '
-                     f'{info["persistence_entries"]}')
-    return "\n".join(lines) + "\n"
+    """The snapshot as Prometheus text; every sample line is ``name{labels} value``."""
+    out = []
+
+    def family(name, kind, help_text, samples):
+        out.append(f"# HELP {name} {help_text}")
+        out.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            out.append(f"{name}{_labels(**labels) if labels else ''} {_number(value)}")
+
+    family("mplb_master_pid", "gauge", "Pid of the master process.", [({}, data["pid"])])
+    family("mplb_uptime_seconds", "gauge", "Seconds since the master started.",
+           [({}, float(data["uptime_s"]))])
+    family("mplb_generation", "gauge", "Current worker generation.", [({}, data["generation"])])
+    family("mplb_reloads_total", "counter", "Configuration reloads.", [({}, data["reloads"])])
+    workers = data["workers"]
+    family("mplb_workers", "gauge", "Live worker processes.", [({}, len(workers))])
+    wl = [dict(pid=w["pid"], generation=w["generation"]) for w in workers]
+    family("mplb_worker_connections", "gauge", "Client connections held by a worker.",
+           [(labels, w["connections"]) for labels, w in zip(wl, workers)])
+    family("mplb_worker_requests_total", "counter", "Requests a worker sent upstream.",
+           [(labels, w["requests"]) for labels, w in zip(wl, workers)])
+
+    rows = [(name, server) for name, info in data["upstreams"].items()
+            for server in info["servers"]]
+    rows += [("", server) for server in data.get("servers", ())]
+    for field, metric, kind, help_text in SERVER_METRICS:
+        family(metric, kind, help_text,
+               [(dict(upstream=up, server=s["server"]), s[field]) for up, s in rows
+                if s.get(field) is not None])
+    family("mplb_server_up", "gauge", "Whether the server is eligible for new traffic (1) or not (0).",
+           [(dict(upstream=up, server=s["server"]), 1 if s["state"] in ("up", "backup") else 0)
+            for up, s in rows])
+    family("mplb_server_state", "gauge", "The server's state: 1 for the current one.",
+           [(dict(upstream=up, server=s["server"], state=state), 1 if s["state"] == state else 0)
+            for up, s in rows for state in STATES])
+    family("mplb_persistence_entries", "gauge", "Live entries in the upstream's persistence table.",
+           [(dict(upstream=name, persistence=info["persistence"]), info["persistence_entries"])
+            for name, info in data["upstreams"].items()])
+    family("mplb_persistence_capacity", "gauge", "Capacity of the upstream's persistence table.",
+           [(dict(upstream=name, persistence=info["persistence"]),
+             info.get("persistence_capacity", 0))
+            for name, info in data["upstreams"].items()])
+    return "\n".join(out) + "\n"
 
 
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+# -- the location -----------------------------------------------------------------------
+
+def choose_format(args: str, accept: str) -> str:
+    """``?format=`` wins; else text/html in Accept means the dashboard; else JSON."""
+    query = parse_qs(args or "", keep_blank_values=True)
+    wanted = (query.get("format") or [""])[-1].lower()
+    if wanted in FORMATS:
+        return wanted
+    if wanted in ("text", "prom", "metrics"):
+        return "prometheus"
+    if not wanted and "text/html" in (accept or "").lower():
+        return "html"
+    return "json"
 
 
 def render(shared, config, request):
     """(status, content type, body) for the mplb_status location."""
     if shared is None:
         return 503, b"text/plain", b"503 statistics unavailable\n"
-    data = collect(shared, config)
-    args = request.args
-    if "format=prometheus" in args:
-        return 200, b"text/plain; version=0.0.4", to_prometheus(data).encode()
-    accept = request.header("accept") or ""
-    if "format=html" in args or ("text/html" in accept and "format=json" not in args):
-        from mplb.dashboard import render_html
-        return 200, b"text/html; charset=utf-8", render_html(data).encode()
-    return 200, b"application/json", (json.dumps(data) + "\n").encode()
+    try:
+        fmt = choose_format(request.args, request.header("accept"))
+        data = collect(shared, config)
+        if fmt == "prometheus":
+            body = to_prometheus(data)
+        elif fmt == "html":
+            from mplb.dashboard import render_html
+            body = render_html(data)
+        else:
+            body = json.dumps(data, separators=(",", ":")) + "\n"
+    except Exception:                       # never take the connection down with us
+        log.exception("mplb_status failed")
+        return 500, b"text/plain", b"500 statistics failed\n"
+    return 200, CONTENT_TYPES[fmt], body.encode("utf-8")
 
 
 def master_pid_of(shared) -> int:
-    return shared.q[3] if shared is not None else os.getpid()
+    return shared.master_pid if shared is not None else os.getpid()

@@ -9,6 +9,8 @@ Run as ``python tests/backend_server.py --port P --name NAME``.  Endpoints:
 - ``/slow/SECONDS``: waits, then answers
 - ``/truncate``: promises 1000 bytes, sends 10, closes
 - ``/garbage``: answers with bytes that are not HTTP
+- ``/hop``: a response full of hop-by-hop headers (and ``X-Kept: yes``)
+- ``/fake-101``: answers 101 Switching Protocols to a plain request
 - ``/set-cookie/NAME/VALUE``: sets a cookie
 - ``/echo-body``: echoes the request body
 - ``/peer``: JSON ``{"backend", "peer_port"}``: the client port of this connection
@@ -95,6 +97,20 @@ class RawHandler(WebSocketHandler):
     def handle_one_response(self):
         if self.path == "/truncate":
             self.socket.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789")
+            self.close_connection = True
+            return
+        if self.path == "/hop":
+            # Hop-by-hop response headers, including one named by Connection.
+            self.socket.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
+                                b"Connection: X-Secret\r\nX-Secret: s\r\n"
+                                b"Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\n"
+                                b"Trailer: X-T\r\nUpgrade: h2c\r\nTE: trailers\r\n"
+                                b"X-Kept: yes\r\n\r\nok")
+            self.close_connection = True
+            return
+        if self.path == "/fake-101":
+            self.socket.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                                b"Connection: Upgrade\r\n\r\n\x81\x02hi")
             self.close_connection = True
             return
         if self.path == "/garbage":

@@ -275,6 +275,10 @@ def parse_responses(data: bytes, head_only=(), allow_partial=False):
         pos = end + 4
         names = dict(headers)
         chunked = "chunked" in names.get("transfer-encoding", "").lower()
+        if status == 101:
+            # Switching Protocols: whatever follows belongs to the tunnel, not HTTP.
+            out.append(Response(status, reason, headers, data[pos:], version))
+            break
         if 100 <= status < 200 or status in (204, 304) or len(out) in head_only:
             body = b""
         elif chunked:
@@ -307,3 +311,94 @@ def parse_responses(data: bytes, head_only=(), allow_partial=False):
             pos = len(data)
         out.append(Response(status, reason, headers, body, version, chunked))
     return out
+
+
+class RawConnection:
+    """A client connection that sends raw bytes and reads one response at a time."""
+
+    def __init__(self, port, host="127.0.0.1", timeout=10.0):
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.timeout = timeout
+        self.buffer = b""
+        self.closed = False
+
+    def send(self, raw: bytes):
+        self.sock.sendall(raw)
+
+    def _fill(self, deadline):
+        left = deadline - time.monotonic()
+        if left <= 0 or self.closed:
+            return False
+        self.sock.settimeout(left)
+        try:
+            data = self.sock.recv(65536)
+        except socket.timeout:
+            return False
+        except ConnectionResetError:
+            data = b""
+        if not data:
+            self.closed = True
+            return False
+        self.buffer += data
+        return True
+
+    def read_response(self, head_only=False) -> Response:
+        """Read exactly one complete response (raises AssertionError on timeout)."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end >= 0:
+                try:
+                    responses = parse_responses(self.buffer, head_only={0} if head_only else ())
+                    response = responses[0]
+                    complete = True
+                except ValueError:
+                    complete = False
+                if complete and (response.status < 200 or response.status == 101):
+                    self.buffer = self.buffer[end + 4:]
+                    return response
+                if complete and (response.header("content-length") is not None
+                                 or response.chunked or head_only
+                                 or response.status in (204, 304)):
+                    self.buffer = self.buffer[self._length(response, end, head_only):]
+                    return response
+                if self.closed:
+                    if complete:
+                        self.buffer = b""
+                        return response
+                    raise AssertionError(f"connection closed mid-response: {self.buffer[:300]!r}")
+            elif self.closed:
+                raise AssertionError(f"connection closed; read {self.buffer[:300]!r}")
+            if not self._fill(deadline) and not self.closed:
+                raise AssertionError(f"timed out reading a response; read {self.buffer[:300]!r}")
+
+    def _length(self, response, head_end, head_only):
+        """Bytes of the buffer the first response occupies."""
+        start = head_end + 4
+        if head_only or response.status in (204, 304):
+            return start
+        if not response.chunked:
+            return start + int(response.header("content-length"))
+        pos = start
+        while True:
+            line_end = self.buffer.find(b"\r\n", pos)
+            size = int(self.buffer[pos:line_end].split(b";")[0], 16)
+            pos = line_end + 2
+            if size == 0:
+                return self.buffer.find(b"\r\n", pos) + 2
+            pos += size + 2
+
+    def wait_closed(self, timeout=5.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self.closed and time.monotonic() < deadline:
+            self._fill(deadline)
+        return self.closed
+
+    def close(self):
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

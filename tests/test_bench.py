@@ -54,6 +54,7 @@ def test_parse_wrk_full():
     assert r["p99_us"] == pytest.approx(1.45e6)
     assert (r["err_connect"], r["err_read"], r["err_timeout"], r["non2xx"]) == (1, 3, 12, 5)
     assert r["errors"] == 1 + 3 + 12 + 5
+    assert r["ok_requests"] == 163052 - 5
 
 
 def test_parse_wrk_clean_and_garbage():

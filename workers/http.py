@@ -114,13 +114,22 @@ class ClientConnection:
             request.chunked = True
         elif len(name) == 14 and name.lower() == b"content-length":
             request.content_length = int(value)
+        elif len(name) == 4 and name.lower() == b"host":
+            if request.host_seen:
+                raise BadRequest(400, "duplicate Host header")   # nginx: 400
+            request.host_seen = True
 
     def on_headers_complete(self):
         request = self.current
         parser = self.parser
         request.headers_done = True
         request.method = parser.get_method().decode("ascii")
-        request.version = parser.get_http_version()
+        request.version = version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            # HTTP/0.9 (no version in the request line) or a major version we do not speak.
+            raise BadRequest(505 if version[:1] not in ("0", "1") else 400, "bad version")
+        if request.chunked and version == "1.0":
+            raise BadRequest(400, "Transfer-Encoding in an HTTP/1.0 request")   # nginx rule
         request.keep_alive = parser.should_keep_alive()
         request.is_upgrade = (request.is_upgrade and request.method == "GET"
                               and request.version == "1.1"
@@ -203,6 +212,13 @@ class ClientConnection:
                 if self.head_pending > (self.limits[0] + 1) * self.limits[1]:
                     self._fail_parse(431)
                     return
+                # Bytes no callback has seen yet are one unfinished header line (the
+                # URL is reported as it arrives); head_pending may also hold up to one
+                # recv of earlier pipelined requests, hence the slack.
+                unseen = self.head_pending - len(current.url) - current.head_size
+                if unseen > self.limits[1] + RECV_SIZE:
+                    self._fail_parse(431)
+                    return
             self._process()
 
     def _fail_parse(self, status):
@@ -253,6 +269,8 @@ class ClientConnection:
     def _begin(self, request):
         """Route the request and return its exchange (upstream, or local answer)."""
         worker = self.worker
+        if request.method == "CONNECT":
+            return LocalAnswer(self, 405)       # a reverse proxy does not tunnel CONNECT
         try:
             uri = request.uri
         except (ValueError, UnicodeDecodeError):
@@ -303,11 +321,11 @@ class ClientConnection:
             raise CloseConnection()
         request = self.queue[0]
         request.complete = True
-        if not request.is_upgrade or self.exchange is None or \
-                not isinstance(self.exchange, UpstreamExchange):
+        if self.exchange is None:
+            # The parser stopped at the head before _process ran: route it now.
+            self.exchange = self._begin(request)
+        if not request.is_upgrade or not isinstance(self.exchange, UpstreamExchange):
             # Not an upgrade by mplb's rule (or answered locally): answer and close.
-            if self.exchange is None:
-                self.exchange = self._begin(request)
             self.exchange.finish(request, force_close=True)
             raise CloseConnection()
         exchange = self.exchange
@@ -324,8 +342,23 @@ class ClientConnection:
         self.parser = httptools.HttpRequestParser(self)
         self.current = None
         if client_pending:
-            self.parser.feed_data(client_pending)
-            self._process()
+            self._feed_pending(client_pending)
+
+    def _feed_pending(self, data):
+        """Feed bytes that followed a refused upgrade, with _serve's error handling."""
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as upgrade:
+            self._start_upgrade(data[upgrade.args[0]:])
+            return
+        except HttpParserCallbackError as exc:
+            error = exc.__context__
+            self._fail_parse(error.status if isinstance(error, BadRequest) else 400)
+            raise CloseConnection()
+        except HttpParserError:
+            self._fail_parse(400)
+            raise CloseConnection()
+        self._process()
 
 
 class LocalAnswer:

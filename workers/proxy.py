@@ -305,6 +305,10 @@ class UpstreamExchange:
             else:
                 response, received, _ = self._read_head(request, buffer, view)
             status = response.status
+            if status == 101:
+                # Only finish_upgrade may relay a 101; here it would desynchronise the
+                # client, and the connection must never go back to the pool.
+                raise UpstreamFailed(502, "upstream sent 101 to a request that is not an upgrade")
             if status in (502, 503, 504):
                 failure = UpstreamFailed(status, f"upstream answered {status}", retryable=True,
                                          kind=f"http_{status}")
@@ -375,6 +379,7 @@ class UpstreamExchange:
             self.bytes_out += count
             self._send_client(view[:count])
             sent += count
+        response.complete = True       # the parser never saw these bytes: mark the end
         return self._done(request, response, keep_client, sent)
 
     def _copy_parsed(self, request, response, rechunk, buffer, view, keep_client, sent):

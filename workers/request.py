@@ -5,9 +5,13 @@ balancing or a ``proxy_set_header`` template actually asks for.
 """
 from __future__ import annotations
 
+import re
 from urllib.parse import unquote
 
 from workers.uri import normalize_path
+
+
+_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")     # '%' not followed by two hex digits
 
 
 class BadRequest(Exception):
@@ -25,7 +29,7 @@ class Request:
         "method", "url", "version", "headers", "keep_alive", "upgrade",
         "body_chunks", "body_bytes", "headers_done", "complete", "content_length",
         "chunked", "expect_continue", "conn", "_by_name", "_path", "_args", "_uri",
-        "_host", "is_upgrade", "head_size", "connection_named",
+        "_host", "is_upgrade", "head_size", "connection_named", "host_seen",
     )
 
     def __init__(self, conn):
@@ -45,6 +49,7 @@ class Request:
         self.chunked = False
         self.expect_continue = False
         self.head_size = 0
+        self.host_seen = False
         self.connection_named = None   # extra hop-by-hop names from Connection
         self._by_name = None
         self._path = None
@@ -98,6 +103,10 @@ class Request:
             if self._path is None:
                 self._split_url()
             path = self._path
+            if not path.startswith("/"):
+                raise ValueError("request target is not an absolute path")
+            if "%" in path and _BAD_PERCENT.search(path):
+                raise ValueError("invalid percent-encoding")
             if "%" in path or "/." in path or "//" in path:
                 path = normalize_path(unquote(path, errors="strict")
                                       if "%" in path else path)

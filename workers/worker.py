@@ -283,6 +283,10 @@ class Worker:
         gevent.signal_handler(signal.SIGQUIT, self.graceful_stop)
         gevent.signal_handler(signal.SIGTERM, self.fast_stop)
         gevent.signal_handler(signal.SIGUSR1, self.reopen_logs)
+        try:
+            os.write(self.ctx.control_fd, b"r")      # ready: the master may retire the old
+        except OSError:
+            self.fast_stop()
         heartbeat = gevent.spawn(self.heartbeat_loop)
         heartbeat.join()
 

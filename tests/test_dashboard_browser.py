@@ -1,0 +1,149 @@
+"""The status dashboard in headless Chromium (system /usr/bin/chromium via Playwright).
+
+Opens http://127.0.0.1:PORT/status like an operator's browser (Accept: text/html), checks
+that every server has a row with its state, that the page refreshes itself from
+``?format=json`` (a request counter changes after more traffic) and that it loads nothing
+from anywhere else.  Skipped when /usr/bin/chromium is absent.
+"""
+from __future__ import annotations
+
+import os
+from urllib.parse import urlsplit
+
+import pytest
+
+from tests.harness import Backend, Mplb, free_port, get
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
+
+pytestmark = [
+    pytest.mark.timeout(180),
+    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is not installed"),
+]
+
+CONF = """
+upstream web {{
+    method weighted_round_robin;
+    server {b1} weight=2;
+    server {b2};
+    server http://127.0.0.1:{dead} down;
+    server http://127.0.0.1:{spare} backup;
+}}
+server {{
+    listen 127.0.0.1:{port};
+    location / {{ proxy_pass web; }}
+    location = /status {{ mplb_status; allow 127.0.0.1; deny all; }}
+}}
+"""
+
+
+@pytest.fixture
+def lb():
+    b1, b2 = Backend("d1"), Backend("d2")
+    port, dead, spare = free_port(), free_port(), free_port()
+    mplb = None
+    try:
+        mplb = Mplb(CONF.format(b1=b1.url, b2=b2.url, dead=dead, spare=spare, port=port),
+                    workers=2, wait_ports=[port])
+        mplb.port, mplb.backends, mplb.dead, mplb.spare = port, (b1, b2), dead, spare
+        yield mplb
+    finally:
+        if mplb is not None:
+            mplb.stop()
+        b1.stop()
+        b2.stop()
+
+
+@pytest.fixture
+def page():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield browser.new_page()
+        finally:
+            browser.close()
+
+
+def row(page, server):
+    return page.locator(f'tr.server-row[data-upstream="web"][data-server="{server}"]')
+
+
+def test_dashboard_shows_servers_and_refreshes(lb, page):
+    b1, b2 = lb.backends
+    for _ in range(3):
+        assert get(lb.port, "/")[0] == 200
+    errors, urls = [], []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    page.on("request", lambda request: urls.append(request.url))
+    base = f"http://127.0.0.1:{lb.port}"
+
+    response = page.goto(f"{base}/status")
+    assert response.status == 200
+    assert response.headers["content-type"].startswith("text/html")
+    assert page.title().startswith("mplb status")
+    assert page.locator("#pid").inner_text() == str(lb.pid)
+
+    expected = {f"127.0.0.1:{b1.port}": "up", f"127.0.0.1:{b2.port}": "up",
+                f"127.0.0.1:{lb.dead}": "down", f"127.0.0.1:{lb.spare}": "backup"}
+    assert page.locator("tr.server-row").count() == len(expected)
+    for server, state in expected.items():
+        r = row(page, server)
+        assert r.count() == 1, server
+        assert r.locator("td.server").inner_text().startswith(server)
+        badge = r.locator("td.state .badge")
+        assert badge.inner_text() == state
+        assert f"state-{state}" in badge.get_attribute("class")
+    # state colours are applied (not the same colour for up and down)
+    up_bg = row(page, f"127.0.0.1:{b1.port}").locator(".badge").evaluate(
+        "e => getComputedStyle(e).backgroundColor")
+    down_bg = row(page, f"127.0.0.1:{lb.dead}").locator(".badge").evaluate(
+        "e => getComputedStyle(e).backgroundColor")
+    assert up_bg != down_bg
+    for pid in [lb.pid]:
+        assert page.locator("#pid").inner_text() == str(pid)
+    worker_pids = {int(p) for p in page.locator("tr.worker-row").evaluate_all(
+        "rows => rows.map(r => r.dataset.pid)")}
+    assert worker_pids == set(lb.worker_pids())
+
+    def requests_shown():
+        cells = page.locator('tr.server-row[data-upstream="web"] td.requests')
+        return sum(int(t) for t in cells.all_inner_texts())
+
+    before = requests_shown()
+    assert before >= 3
+    for _ in range(8):
+        assert get(lb.port, "/")[0] == 200
+    # the page refreshes itself: wait (bounded) until the table shows the new traffic
+    page.wait_for_function(
+        """n => Array.from(document.querySelectorAll('tr.server-row td.requests'))
+                   .reduce((s, c) => s + parseInt(c.textContent, 10), 0) >= n""",
+        arg=before + 8, timeout=15000)
+    assert requests_shown() >= before + 8
+    assert page.evaluate("window.mplbRefreshes") >= 1
+    # rows survive the redraw, with states, and bytes in human units
+    for server, state in expected.items():
+        assert row(page, server).locator(".badge").inner_text() == state
+    bytes_in = row(page, f"127.0.0.1:{b1.port}").locator("td.bytes_in")
+    assert bytes_in.inner_text().endswith(("B", "KiB", "MiB"))
+    assert int(bytes_in.get_attribute("title")) > 0
+
+    fetched = [u for u in urls if "format=json" in u]
+    assert fetched and all(urlsplit(u).path == "/status" for u in fetched)
+    assert all(urlsplit(u).netloc == f"127.0.0.1:{lb.port}" for u in urls), urls
+    assert not errors, errors
+
+
+def test_dashboard_shows_failure_banner_when_mplb_stops(lb, page):
+    """A refresh that fails keeps the last tables and says so."""
+    page.goto(f"http://127.0.0.1:{lb.port}/status")
+    page.wait_for_function("window.mplbRefreshes >= 1", timeout=15000)
+    lb.stop()
+    page.wait_for_selector("#error.show", timeout=15000)
+    assert "Cannot refresh" in page.locator("#error").inner_text()
+    assert page.locator("tr.server-row").count() == 4
+    assert "stale" in page.locator("#live").get_attribute("class")
