@@ -122,6 +122,10 @@ class Balancer:
             return tuple((i, self._hdown[i], self._hfails[i], self._max_conns[i])
                          for i in indexes if not servers[i].down)
         self._pools = (pool(self.primary), pool(self.backup))
+        self._summer_slots = -1
+        self._summer_fns = ()
+        self._method = (self._least_connections if self.method == "least_connections"
+                        else self._smooth_weighted)
 
     # -- the peer interface -------------------------------------------------------------
 
@@ -132,9 +136,14 @@ class Balancer:
             if pick is None:
                 return None
         else:
-            index = self.pick_index(tried, None)
+            primary, backup = self._pools
+            index = self._method(primary, tried, None)
             if index is None:
-                return None
+                if not backup:
+                    return None
+                index = self._method(backup, tried, None)
+                if index is None:
+                    return None
             pick = Pick(index, self.servers[index], self.sids[index])
         self.q[self._act[pick.index]] += 1
         return pick
@@ -155,6 +164,12 @@ class Balancer:
             server = pick.server
             self.state.record_success(pick.sid, self.clock(), server.max_fails,
                                       server.fail_timeout)
+
+    def adopt(self, index: int) -> Pick:
+        """Count a connection this worker took over (tunnel handover) as its own."""
+        pick = Pick(index, self.servers[index], self.sids[index])
+        self.q[self._act[index]] += 1
+        return pick
 
     def response_headers(self, pick, request, response_headers) -> list:
         """Extra raw header lines for the client response (persistence cookies)."""
@@ -187,9 +202,19 @@ class Balancer:
 
     def active_total(self, index: int) -> int:
         """Active connections to server ``index`` summed over every worker slot."""
-        q = self.q
-        base = self._abase[index]
-        return sum(q[base:base + q[SLOTS_USED] * NFIELDS:NFIELDS])
+        return self._summers()[index](self.q)
+
+    def _summers(self) -> tuple:
+        """Per server, a function summing its active words over the slots in use.
+
+        Rebuilt only when the number of worker slots in use changes: an unrolled sum of
+        a few words is several times cheaper than slicing the segment on every pick.
+        """
+        slots = self.q[SLOTS_USED]
+        if slots != self._summer_slots:
+            self._summer_slots = slots
+            self._summer_fns = tuple(word_sum(base, NFIELDS, slots) for base in self._abase)
+        return self._summer_fns
 
     def primary_available(self, tried=EMPTY, now=None) -> bool:
         """Some primary is eligible (a persisted backup must then give way)."""
@@ -199,21 +224,16 @@ class Balancer:
 
     def pick_index(self, tried=EMPTY, now=None) -> Optional[int]:
         """Run the configured method over primaries, then over backups."""
-        if self.method == "least_connections":
-            for pool in self._pools:
-                index = self._least_connections(pool, tried, now)
-                if index is not None:
-                    return index
-            return None
-        for pool in self._pools:
-            index = self._smooth_weighted(pool, tried, now)
-            if index is not None:
-                return index
-        return None
+        primary, backup = self._pools
+        index = self._method(primary, tried, now)
+        if index is None and backup:
+            index = self._method(backup, tried, now)
+        return index
 
     def _smooth_weighted(self, pool, tried, now) -> Optional[int]:
         """nginx's smooth WRR: add weights, take the max, subtract the total from it."""
         q, current, weights = self.q, self.current, self.weights
+        sums = self._summer_fns if q[SLOTS_USED] == self._summer_slots else self._summers()
         total = 0
         best = -1
         best_weight = 0
@@ -222,7 +242,7 @@ class Balancer:
                 continue
             if q[hfails] and self._failed(i, now):
                 continue
-            if max_conns and self.active_total(i) >= max_conns:
+            if max_conns and sums[i](q) >= max_conns:
                 continue
             w = weights[i]
             cw = current[i] + w
@@ -238,7 +258,7 @@ class Balancer:
     def _least_connections(self, pool, tried, now) -> Optional[int]:
         """Fewest active/weight across all workers; ties rotate round robin."""
         q, weights = self.q, self.weights
-        span = q[SLOTS_USED] * NFIELDS
+        sums = self._summer_fns if q[SLOTS_USED] == self._summer_slots else self._summers()
         n = len(self.servers)
         cursor = self.cursor
         best = -1
@@ -248,8 +268,7 @@ class Balancer:
                 continue
             if q[hfails] and self._failed(i, now):
                 continue
-            base = self._abase[i]
-            active = sum(q[base:base + span:NFIELDS])
+            active = sums[i](q)
             if max_conns and active >= max_conns:
                 continue
             weight = weights[i]
@@ -265,6 +284,17 @@ class Balancer:
             return None
         self.cursor = best + 1
         return best
+
+
+def word_sum(base: int, stride: int, count: int) -> Callable:
+    """``f(q)`` = q[base] + q[base + stride] + ... (``count`` words), unrolled when small."""
+    if count <= 0:
+        return lambda q: 0
+    if count > 32:
+        end = base + count * stride
+        return lambda q: sum(q[base:end:stride])
+    terms = " + ".join(f"q[{base + k * stride}]" for k in range(count))
+    return eval(f"lambda q: {terms}")          # only integers are interpolated
 
 
 def init_upstream(upstream, shared, worker_slot: int, clock: Optional[Callable] = None) -> Balancer:

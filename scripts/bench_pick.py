@@ -59,7 +59,7 @@ def bench(balancer, requests, n, batch=250):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("-n", type=int, default=20000, help="picks per measurement")
+    parser.add_argument("-n", type=int, default=60000, help="picks per measurement")
     parser.add_argument("--servers", type=int, default=8)
     parser.add_argument("--local", action="store_true", help="shared=None (in-process)")
     args = parser.parse_args()

@@ -150,8 +150,10 @@ def start_backends(procs: Procs, ports: list[int], prefix: str = "backend"):
 def local_conf(src: Path, backend_ports: list[int], lb_port: int, dest: Path) -> Path:
     """A copy of ``src`` with 127.0.0.1:8001.. -> backend_ports and listen 8080 -> lb_port."""
     text = src.read_text()
-    for default, port in zip((8001, 8002, 8003), backend_ports):
-        text = text.replace(f"127.0.0.1:{default}", f"127.0.0.1:{port}")
+    for i, port in enumerate(backend_ports):
+        text = text.replace(f"127.0.0.1:{8001 + i}", f"127.0.0.1:{port}")
+        # examples/docker-loadbalancer.conf names the compose services
+        text = text.replace(f"http://backend{i + 1}:8001", f"http://127.0.0.1:{port}")
     text, n = re.subn(r"(?m)^(\s*listen\s+)8080\b", rf"\g<1>{lb_port}", text)
     assert n == 1, f"{src}: expected one 'listen 8080'"
     dest.write_text(text)
@@ -521,6 +523,62 @@ def test_demo_script_interrupt_cleans_up(tmp_path):
     assert proc.returncode == 130, out
     assert "Stopping processes" in out
     wait_until(lambda: not any(port_open(p) for p in bports + [lb]), 10, "ports to close")
+
+
+def test_backend_failure_client_reconnects(procs, tmp_path):
+    """The guide's "Handling WebSocket Disconnections": the backend a client sticks to
+    goes away; its tunnel is closed, and the client's reconnect (with backoff) lands on
+    another backend and sticks there (the ip_hash record is updated)."""
+    import websocket
+
+    mplb = need_mplb()
+    *bports, lb = free_ports(4)
+    backends = start_backends(procs, bports)
+    conf = local_conf(ETC / "websocket-basic.conf", bports, lb, tmp_path / "basic.conf")
+    start_mplb(procs, mplb, conf, lb, workers=2)
+    ws = websocket.create_connection(f"ws://127.0.0.1:{lb}/ws", timeout=5)
+    try:
+        first = json.loads(ws.recv())["backend"]
+        victim = backends[int(first[-1]) - 1]
+        victim.send_signal(signal.SIGTERM)
+        assert victim.wait(10) == 0
+        # the tunnel ends: the backend's close frame (1001) comes through, then EOF
+        ws.settimeout(10)
+        opcode, frame = ws.recv_data_frame(control_frame=True)
+        assert opcode == websocket.ABNF.OPCODE_CLOSE
+        assert int.from_bytes(frame.data[:2], "big") == 1001
+    finally:
+        ws.close()
+    rc, data, out = run_client(f"ws://127.0.0.1:{lb}/ws", 4, 3)
+    assert rc == 0, out
+    assert len(data["total_distribution"]) == 1 and first not in data["total_distribution"]
+    assert data["persistent"]
+
+    # the guide's "Connection Refused": no backend left -> the upgrade is refused with
+    # 502, and the client gives up after its bounded retries
+    for proc in backends:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+    rc, data, out = run_client(f"ws://127.0.0.1:{lb}/ws", 1, 0, "--retries", "2")
+    assert rc == 1 and "HTTP 502" in data["errors"][0], out
+
+
+def test_docker_conf_through_mplb(procs, tmp_path):
+    """examples/docker-loadbalancer.conf (the guide's timeouts and
+    proxy_websocket_keepalive on), with the service names replaced by local ports."""
+    mplb = need_mplb()
+    *bports, lb = free_ports(4)
+    start_backends(procs, bports)
+    conf = local_conf(EXAMPLES / "docker-loadbalancer.conf", bports, lb,
+                      tmp_path / "docker.conf")
+    assert "backend1:8001" not in conf.read_text()
+    res = subprocess.run([mplb, "-t", "-conf", str(conf)], capture_output=True, text=True,
+                         timeout=30, cwd=ROOT)
+    assert res.returncode == 0, res.stdout + res.stderr
+    start_mplb(procs, mplb, conf, lb, workers=2)
+    rc, data, out = run_client(f"ws://127.0.0.1:{lb}/", 10, 2)
+    assert rc == 0, out
+    assert len(data["total_distribution"]) == 1 and data["persistent"]
 
 
 # ---------------------------------------------------------------------------

@@ -53,13 +53,14 @@ class AccessLog:
                     f'upstream={upstream} upstream_status={upstream_status or "-"} '
                     f'request_time={elapsed:.3f}\n')
 
-    def tunnel(self, conn, request, server, duration, bytes_in, bytes_out):
-        if not self.enabled:
-            return
-        agent = _quote(request.header("user-agent") or "-")
-        self._write(f'{self._prefix(conn, request)} 101 {bytes_out} "-" "{agent}" '
-                    f'upstream={server.hostport} upstream_status=101 tunnel_time={duration:.3f} '
-                    f'bytes_in={bytes_in} bytes_out={bytes_out}\n')
+    def tunnel_line(self, info, server, duration, bytes_in, bytes_out):
+        """One line when a tunnel ends: its whole duration and bytes, across handovers."""
+        stamp = time.strftime("%d/%b/%Y:%H:%M:%S %z")
+        line = _quote(f"{info['method']} {info['url']} HTTP/{info['version']}")
+        agent = _quote(info.get("user_agent") or "-")
+        self._write(f'{info["client"][0]} - - [{stamp}] "{line}" 101 {bytes_out} "-" '
+                    f'"{agent}" upstream={server.hostport} upstream_status=101 '
+                    f'tunnel_time={duration:.3f} bytes_in={bytes_in} bytes_out={bytes_out}\n')
 
     def flush(self):
         if self._file is not None and self._lines:

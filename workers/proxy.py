@@ -346,6 +346,12 @@ class UpstreamExchange:
         head = render_response_head(response, framing, extra, keep_client)
         body = b"".join(response.body)
         response.body.clear()
+        if head_only and (body or chunked_up or length not in (None, b"0")):
+            # The parser cannot know a response answers HEAD: a backend may (wrongly)
+            # send the body it announced, now or a moment later.  The client must not
+            # see it, and the connection is not pooled.
+            body = b""
+            response.keep_alive = False
         self.bytes_out += received
         sent = len(head)
         out = head + (b"%x\r\n%s\r\n" % (len(body), body) if rechunk and body else body)

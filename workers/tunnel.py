@@ -61,6 +61,55 @@ def live_tunnel_count() -> int:
     return len(_live)
 
 
+def movable_tunnels() -> list:
+    """Live tunnels that can be handed to another worker (plain TCP, both ways open)."""
+    return [t for t in _live if t.movable()]
+
+
+def close_unadoptable(client_sock, backend_sock, state: dict, down_tail: bytes) -> None:
+    """A handed-over tunnel whose server left the configuration: say 1001 and close.
+
+    The Close frame goes to the client only when its stream is known to sit at a frame
+    boundary (framing was tracked); otherwise a TCP close is all that is safe.
+    """
+    trackers = state.get("trackers")
+    toward_client = trackers[1] if trackers else None
+    try:
+        client_sock.settimeout(1.0)
+        if down_tail:
+            client_sock.sendall(down_tail)
+        if toward_client and toward_client["need"] == 0 and not toward_client["head"] \
+                and toward_client["held"] is None and not toward_client["close_seen"]:
+            client_sock.sendall(build_frame(OP_CLOSE, close_payload(CLOSE_GOING_AWAY), False))
+    except OSError:
+        pass
+    finally:
+        client_sock.close()
+        backend_sock.close()
+
+
+def adopt_tunnel(client_sock, backend_sock, state: dict, up_tail: bytes, down_tail: bytes,
+                 settings, on_close) -> "Tunnel":
+    """Carry on a tunnel exported by ``Tunnel.export`` in another worker.
+
+    Framing continues only when both the old tunnel tracked frames and the new settings
+    ask for it: a tunnel that was never tracked has no known frame boundary.
+    """
+    framing = bool(state.get("trackers")) and bool(settings.proxy_websocket_keepalive)
+    tunnel = Tunnel(client_sock, backend_sock, settings, on_close, USE_SPLICE, framing=framing)
+    if framing:
+        tunnel.up.tracker.restore(state["trackers"][0])
+        tunnel.down.tracker.restore(state["trackers"][1])
+    tunnel.client.rx, tunnel.client.tx = state.get("client_rx", 0), state.get("client_tx", 0)
+    now = time.monotonic()
+    for flow, tail in ((tunnel.up, up_tail), (tunnel.down, down_tail)):
+        if tail:
+            flow.tail = bytes(tail)
+            flow.stall = now
+    tunnel.start(b"", b"")
+    return tunnel
+
+
 def close_all_tunnels(reason: str = "shutdown", code: int = CLOSE_GOING_AWAY) -> int:
     """Close every live tunnel of this worker (graceful-stop deadline, fast stop)."""
     tunnels = list(_live)
@@ -146,10 +195,11 @@ class Tunnel:
     __slots__ = ("client", "backend", "up", "down", "settings", "on_close", "closed",
                  "reason", "backend_failed", "framing", "half_at", "seq", "__weakref__")
 
-    def __init__(self, client_sock, backend_sock, settings, on_close, use_splice):
+    def __init__(self, client_sock, backend_sock, settings, on_close, use_splice,
+                 framing=None):
         self.settings = settings
         self.on_close = on_close
-        self.framing = bool(settings.proxy_websocket_keepalive)
+        self.framing = bool(settings.proxy_websocket_keepalive) if framing is None else framing
         self.client = _End("client", client_sock, masked=False)
         self.backend = _End("backend", backend_sock, masked=True)
         splice = use_splice and not self.framing and hasattr(os, "splice")
@@ -211,6 +261,53 @@ class Tunnel:
             on_close(reason, self.backend_failed, self.client.rx, self.client.tx)
         except Exception:  # the tunnel is gone either way; keep the loop alive
             log.exception("tunnel on_close callback failed")
+
+    # ---- handover to another worker (reload) ---------------------------------------------
+    def movable(self) -> bool:
+        return (not self.closed and not self.half_at and self.client.ssl is None
+                and self.backend.ssl is None)
+
+    def export(self):
+        """Stop relaying; return ``(client_fd, backend_fd, state, up_tail, down_tail)``.
+
+        Nothing read is lost: bytes not yet written (tails, and bytes parked in a splice
+        pipe) travel with the state and the receiver writes them first.  The caller owns
+        the two fds and must call ``handed_over`` (or ``close``) afterwards.
+        """
+        for end in (self.client, self.backend):
+            if end.watcher is not None:
+                end.watcher.stop()
+                end.watcher.close()
+                end.watcher = None
+        _live.discard(self)
+        tails = []
+        for flow in (self.up, self.down):
+            data = bytearray(flow.tail or b"")
+            if flow.pipe is not None:
+                while flow.inpipe > 0:
+                    chunk = os.read(flow.pipe[0], flow.inpipe)
+                    if not chunk:
+                        break
+                    data += chunk
+                    flow.inpipe -= len(chunk)
+                for fd in flow.pipe:
+                    os.close(fd)
+                flow.pipe = None
+            flow.tail = None
+            tails.append(bytes(data))
+        state = {"client_rx": self.client.rx, "client_tx": self.client.tx,
+                 "trackers": [self.up.tracker.export(), self.down.tracker.export()]
+                 if self.framing else None}
+        client_fd = self.client.sock.detach()
+        backend_fd = self.backend.sock.detach()
+        self.closed = True
+        return client_fd, backend_fd, state, tails[0], tails[1]
+
+    def handed_over(self) -> None:
+        """The sockets now live in another worker: release this worker's accounting."""
+        on_close, self.on_close = self.on_close, None
+        if on_close is not None:
+            on_close("handover", False, self.client.rx, self.client.tx)
 
     def _say_close(self, flow, code, best_effort):
         """Send Close(code) toward flow.dst only between frames (or best effort if unparsed)."""

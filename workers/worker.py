@@ -19,6 +19,7 @@ from gevent.lock import Semaphore
 
 from mplb import logs
 from workers.accesslog import AccessLog
+from workers.handover import HandoverServer, hand_over_tunnels
 from workers.headers import HeadPlan
 from workers.http import ClientConnection
 from workers.router import Router
@@ -142,28 +143,97 @@ class Worker:
     def open_tunnel(self, conn, request, backend_sock, pick, balancer, settings,
                     client_pending, backend_pending, bytes_in, bytes_out, start_tunnel):
         """Hand both sockets to a tunnel; the connection slot is freed when it ends."""
+        server = pick.server
+        if self.shared is not None:
+            self.shared.tunnel_opened(self.slot, server.url)
+            self.shared.count_request(self.slot, server.url)
+        info = {"upstream": self._upstream_name(balancer), "server": server.url,
+                "listen": list(conn.listen.key), "client": [conn.client_ip, conn.client_port],
+                "method": request.method, "url": request.url.decode("latin-1"),
+                "version": request.version, "host": request.host,
+                "user_agent": request.header("user-agent") or "",
+                "opened": time.time(), "bytes_in": bytes_in, "bytes_out": bytes_out}
+        on_close = self._tunnel_closer(info, pick, balancer, holds_capacity=True)
+        start_tunnel(conn.sock, backend_sock, client_pending, backend_pending, settings,
+                     on_close)
+
+    def _upstream_name(self, balancer):
+        for name, candidate in self.balancers.items():
+            if candidate is balancer:
+                return name
+        return ""
+
+    def _tunnel_closer(self, info, pick, balancer, holds_capacity):
+        """The on_close callback of a tunnel: accounting, logs, and handover metadata."""
         shared = self.shared
         server = pick.server
-        if shared is not None:
-            shared.tunnel_opened(self.slot, server.url)
-        opened = time.monotonic()
 
         def on_close(reason, backend_failed, tunnel_in, tunnel_out):
             balancer.free(pick, backend_failed)
             if shared is not None:
                 shared.tunnel_closed(self.slot, server.url)
-                shared.count_request(self.slot, server.url)
                 # shm counts bytes from the server as "in": the client's bytes go out.
-                shared.add_bytes(self.slot, server.url, bytes_out + tunnel_out,
-                                 bytes_in + tunnel_in)
-            log.debug("tunnel client=%s:%s server=%s closed: %s", conn.client_ip,
-                      conn.client_port, server.hostport, reason)
-            self.access_log.tunnel(conn, request, server, time.monotonic() - opened,
-                                   tunnel_in, tunnel_out)
-            self._connection_done(conn)
+                shared.add_bytes(self.slot, server.url, tunnel_out, tunnel_in)
+            self._release_connection(holds_capacity)
+            if reason == "handover":
+                log.debug("tunnel client=%s:%s server=%s handed over", *info["client"],
+                          server.hostport)
+                return
+            log.debug("tunnel client=%s:%s server=%s closed: %s", *info["client"],
+                      server.hostport, reason)
+            if self.access_log.enabled:
+                self.access_log.tunnel_line(info, server, time.time() - info["opened"],
+                                            info["bytes_in"] + tunnel_in,
+                                            info["bytes_out"] + tunnel_out)
 
-        start_tunnel(conn.sock, backend_sock, client_pending, backend_pending, settings,
-                     on_close)
+        on_close.handover_meta = info
+        return on_close
+
+    def adopt_tunnel(self, client_fd, backend_fd, state, up_tail, down_tail) -> bool:
+        """Take over a tunnel from a retiring worker; False only if it cannot be handled."""
+        from workers.tunnel import adopt_tunnel, close_unadoptable
+        client = gsocket.socket(fileno=client_fd)
+        backend = gsocket.socket(fileno=backend_fd)
+        upstream = self.config.upstreams.get(state.get("upstream", ""))
+        index = None
+        if upstream is not None:
+            for number, server in enumerate(upstream.servers):
+                if server.url == state.get("server"):
+                    index = number
+        if index is None:
+            log.info("tunnel client=%s:%s: server %s is gone after reload, closing",
+                     *state["client"], state.get("server"))
+            close_unadoptable(client, backend, state, down_tail)
+            return True
+        balancer = self.balancers[upstream.name]
+        pick = balancer.adopt(index)
+        settings = self._settings_for(state, upstream.name)
+        info = dict((key, state[key]) for key in (
+            "upstream", "server", "listen", "client", "method", "url", "version", "host",
+            "user_agent", "opened", "bytes_in", "bytes_out"))
+        info["bytes_in"] += state.get("client_rx", 0)
+        info["bytes_out"] += state.get("client_tx", 0)
+        if self.shared is not None:
+            self.shared.tunnel_opened(self.slot, pick.server.url)
+        self.connection_count += 1
+        holds = self.capacity.acquire(blocking=False)
+        if self.shared is not None:
+            self.shared.worker_connections(self.slot, 1)
+        adopt_tunnel(client, backend, dict(state, client_rx=0, client_tx=0), up_tail,
+                     down_tail, settings, self._tunnel_closer(info, pick, balancer, holds))
+        return True
+
+    def _settings_for(self, state, upstream_name):
+        """Route the tunnel's original request under the new configuration."""
+        key = tuple(state.get("listen", ()))
+        if key in self.router.names:
+            url = state.get("url", "/")
+            path = url.split("?", 1)[0] if url.startswith("/") else "/"
+            vserver, location = self.router.route(key, state.get("host", ""), path)
+            if location is not None and location.upstream == upstream_name:
+                return location.settings
+            return vserver.settings
+        return self.config.servers[0].settings if self.config.servers else None
 
     # -- connections --------------------------------------------------------------
     def handle(self, sock, addr, listen):
@@ -182,8 +252,9 @@ class Worker:
             log.exception("unexpected error on connection from %s", addr[0])
             sock.close()
         finally:
+            self.connections.discard(conn)
             if conn is None or not conn.handed_off:
-                self._connection_done(conn)
+                self._release_connection(True)
 
     def _tls_handshake(self, context, sock, listen):
         sock.settimeout(self.default_settings(listen).client_header_timeout)
@@ -196,10 +267,10 @@ class Worker:
             sock.close()
             return None
 
-    def _connection_done(self, conn):
-        self.connections.discard(conn)
+    def _release_connection(self, holds_capacity):
         self.connection_count -= 1
-        self.capacity.release()
+        if holds_capacity:
+            self.capacity.release()
         if self.shared is not None:
             self.shared.worker_connections(self.slot, -1)
 
@@ -257,6 +328,12 @@ class Worker:
             for conn in list(self.connections):
                 if conn.idle:
                     conn.sock.close()
+            movable = tunnel.movable_tunnels()
+            if movable:
+                targets = self._handover_targets()
+                if targets:
+                    moved = hand_over_tunnels(self, targets, movable)
+                    log.info("handed %d tunnel(s) over to the new generation", moved)
             busy = len(self.connections) + tunnel.live_tunnel_count()
             if not busy:
                 break
@@ -265,6 +342,14 @@ class Worker:
                 break
             gevent.sleep(0.05)
         self.exit(0)
+
+    def _handover_targets(self):
+        """Pids of live workers of a newer generation (from the shared worker table)."""
+        if self.shared is None:
+            return []
+        return [w["pid"] for w in self.shared.workers()
+                if w["generation"] > self.ctx.generation and w["pid"] != os.getpid()
+                and _alive(w["pid"])]
 
     def fast_stop(self):
         self.exit(0)
@@ -283,6 +368,7 @@ class Worker:
         gevent.signal_handler(signal.SIGQUIT, self.graceful_stop)
         gevent.signal_handler(signal.SIGTERM, self.fast_stop)
         gevent.signal_handler(signal.SIGUSR1, self.reopen_logs)
+        self.start_handover_server()
         try:
             os.write(self.ctx.control_fd, b"r")      # ready: the master may retire the old
         except OSError:
@@ -290,9 +376,24 @@ class Worker:
         heartbeat = gevent.spawn(self.heartbeat_loop)
         heartbeat.join()
 
+    def start_handover_server(self):
+        try:
+            self.handover = HandoverServer(self, self.ctx.master_pid)
+        except OSError as exc:
+            log.error("cannot listen for tunnel handovers: %s", exc)
+            self.handover = None
+
     def reopen_logs(self):
         logs.reopen()
         self.access_log.reopen()
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
 
 
 def run_worker(ctx):

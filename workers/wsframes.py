@@ -76,7 +76,8 @@ class FrameTracker:
     emitted stream is always either inside a frame (`need` > 0) or at a boundary.
     """
 
-    __slots__ = ("need", "head", "held", "held_need", "close_seen", "prefix", "pongs")
+    __slots__ = ("need", "head", "held", "held_need", "close_seen", "prefix", "pongs",
+                 "old_prefix")
 
     def __init__(self, prefix: bytes | None):
         self.need = 0                 # payload bytes of the current frame still to pass
@@ -86,6 +87,7 @@ class FrameTracker:
         self.close_seen = False       # a Close frame went through this direction
         self.prefix = prefix          # 8-byte payload prefix of our pings; None: no filter
         self.pongs = 0                # our pongs swallowed so far
+        self.old_prefix = None        # a previous worker's prefix (tunnel handed over)
 
     def at_boundary(self) -> bool:
         """True when everything forwarded so far ends exactly at a frame end."""
@@ -166,4 +168,21 @@ class FrameTracker:
         payload = frame[hlen:]
         if masked:
             payload = mask_bytes(payload, frame[hlen - 4:hlen])
-        return payload[:8] == self.prefix
+        return payload[:8] == self.prefix or payload[:8] == self.old_prefix
+
+    def export(self) -> dict:
+        """The tracking state, so another worker can carry on mid-stream (handover)."""
+        return {"need": self.need, "head": self.head.hex(),
+                "held": self.held.hex() if self.held is not None else None,
+                "held_need": self.held_need, "close_seen": self.close_seen,
+                "prefix": self.prefix.hex() if self.prefix else None}
+
+    def restore(self, state: dict) -> None:
+        """Continue from ``export()`` of a tracker in another process."""
+        self.need = int(state["need"])
+        self.head = bytes.fromhex(state["head"])
+        self.held = bytearray.fromhex(state["held"]) if state["held"] is not None else None
+        self.held_need = int(state["held_need"])
+        self.close_seen = bool(state["close_seen"])
+        if state.get("prefix"):
+            self.old_prefix = bytes.fromhex(state["prefix"])

@@ -1,0 +1,188 @@
+"""Tunnel handover on reload: live tunnels move to the new generation, nothing drops.
+
+Every worker listens on an abstract Unix socket named after the master and its own pid.
+A retiring worker stops relaying each plain-TCP tunnel (``Tunnel.export``), then sends
+both file descriptors (SCM_RIGHTS) with the relay state (bytes not yet written, frame
+tracking, counters, server identity) to a worker of the newest generation, which
+carries on under its configuration.  Only a worker whose parent is our master may hand
+anything over: the receiver checks the peer's credentials.
+
+Wire format, per tunnel: ``sendmsg`` of a 12-byte header (three big-endian uint32:
+state length, client-to-backend tail length, backend-to-client tail length) carrying the
+two fds, then the JSON state and the two tails; the receiver answers one byte,
+``k`` (adopted) or ``n`` (refused: the sender closes the tunnel itself).
+"""
+from __future__ import annotations
+
+import array
+import json
+import logging
+import os
+import socket
+import struct
+
+import gevent
+from gevent import socket as gsocket
+
+log = logging.getLogger("mplb.handover")
+
+HEADER = struct.Struct(">III")
+MAX_STATE = 65536
+MAX_TAIL = 4 * 1024 * 1024
+IO_TIMEOUT = 5.0
+
+
+def socket_name(master_pid: int, worker_pid: int) -> bytes:
+    return f"\0mplb.{master_pid}.handover.{worker_pid}".encode()
+
+
+def parent_of(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+        return int(fields[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+class HandoverServer:
+    """Receives tunnels from retiring sibling workers (runs in every worker)."""
+
+    def __init__(self, worker, master_pid):
+        self.worker = worker
+        self.master_pid = master_pid
+        self.sock = gsocket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(socket_name(master_pid, os.getpid()))
+        self.sock.listen(64)
+        self.greenlet = gevent.spawn(self._accept_loop)
+
+    def close(self):
+        self.greenlet.kill(block=False)
+        self.sock.close()
+
+    def _accept_loop(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                    struct.calcsize("3i"))
+            pid, _, _ = struct.unpack("3i", creds)
+            if parent_of(pid) != self.master_pid:
+                log.warning("refused a tunnel handover from pid %d (not our sibling)", pid)
+                conn.close()
+                continue
+            gevent.spawn(self._serve, conn)
+
+    def _serve(self, conn):
+        conn.settimeout(IO_TIMEOUT)
+        try:
+            while self._receive_one(conn):
+                pass
+        except (OSError, ValueError) as exc:
+            log.error("tunnel handover connection failed: %s", exc)
+        finally:
+            conn.close()
+
+    def _receive_one(self, conn) -> bool:
+        fds = array.array("i")
+        try:
+            data, ancdata, _, _ = conn.recvmsg(HEADER.size, socket.CMSG_SPACE(2 * fds.itemsize))
+        except socket.timeout:
+            return True
+        if not data:
+            return False
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+        try:
+            if len(data) < HEADER.size:
+                data += _recv_exact(conn, HEADER.size - len(data))
+            state_len, up_len, down_len = HEADER.unpack(data)
+            if len(fds) != 2 or state_len > MAX_STATE or up_len > MAX_TAIL \
+                    or down_len > MAX_TAIL:
+                raise ValueError("malformed tunnel handover")
+            body = _recv_exact(conn, state_len + up_len + down_len)
+            state = json.loads(body[:state_len])
+            up_tail = body[state_len:state_len + up_len]
+            down_tail = body[state_len + up_len:]
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        adopted = self.worker.adopt_tunnel(fds[0], fds[1], state, up_tail, down_tail)
+        conn.sendall(b"k" if adopted else b"n")
+        return True
+
+
+def _recv_exact(conn, size) -> bytes:
+    chunks = []
+    while size > 0:
+        chunk = conn.recv(min(size, 262144))
+        if not chunk:
+            raise ValueError("handover peer closed early")
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def hand_over_tunnels(worker, targets, tunnels) -> int:
+    """Move ``tunnels`` to the worker pids in ``targets`` (round robin); return how many."""
+    channels = []
+    for pid in targets:
+        sock = gsocket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(IO_TIMEOUT)
+        try:
+            sock.connect(socket_name(worker.ctx.master_pid, pid))
+            channels.append(sock)
+        except OSError as exc:
+            log.warning("cannot reach worker %d for tunnel handover: %s", pid, exc)
+            sock.close()
+    if not channels:
+        return 0
+    moved = 0
+    try:
+        for number, tunnel in enumerate(tunnels):
+            if not tunnel.movable():
+                continue
+            channel = channels[number % len(channels)]
+            if _send_one(channel, tunnel):
+                moved += 1
+    finally:
+        for channel in channels:
+            channel.close()
+    return moved
+
+
+def _send_one(channel, tunnel) -> bool:
+    meta = getattr(tunnel.on_close, "handover_meta", None)
+    if meta is None:
+        return False
+    client_fd, backend_fd, relay, up_tail, down_tail = tunnel.export()
+    state = dict(meta, **relay)
+    body = json.dumps(state).encode()
+    try:
+        header = HEADER.pack(len(body), len(up_tail), len(down_tail))
+        channel.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                    array.array("i", [client_fd, backend_fd]))])
+        channel.sendall(body + up_tail + down_tail)
+        answer = channel.recv(1)
+    except OSError as exc:
+        log.error("tunnel handover failed: %s", exc)
+        answer = b""
+    if answer == b"k":
+        os.close(client_fd)
+        os.close(backend_fd)
+        tunnel.handed_over()
+        return True
+    # Not adopted: this worker keeps serving it until it ends (or shutdown timeout).
+    _resume_locally(tunnel, client_fd, backend_fd, state, up_tail, down_tail)
+    return False
+
+
+def _resume_locally(tunnel, client_fd, backend_fd, state, up_tail, down_tail):
+    from workers.tunnel import adopt_tunnel
+    on_close, tunnel.on_close = tunnel.on_close, None
+    adopt_tunnel(gsocket.socket(fileno=client_fd), gsocket.socket(fileno=backend_fd), state,
+                 up_tail, down_tail, tunnel.settings, on_close)
