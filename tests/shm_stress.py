@@ -96,15 +96,23 @@ class Interleaving:
     """The segment's words, but every store gives the CPU away for a moment.
 
     Wrapped around the real shared memory of a real table (real locks, real seqlock), it
-    makes another process run in the middle of almost every table update, so races that
+    makes another process run in the middle of almost every table update (and every
+    third read), so races that
     a loaded 2-CPU machine would hit once in a thousand runs happen on every run.
     """
 
-    def __init__(self, words, pause=20e-6):
+    def __init__(self, words, pause=20e-6, read_every=0, read_pause=20e-6):
         self.words = words
         self.pause = pause
+        self.read_every = read_every
+        self.read_pause = read_pause
+        self.reads = 0
 
     def __getitem__(self, index):
+        if self.read_every:
+            self.reads += 1
+            if self.reads % self.read_every == 0:      # readers get interrupted too
+                time.sleep(self.read_pause)
         return self.words[index]
 
     def __setitem__(self, index, value):
@@ -112,10 +120,10 @@ class Interleaving:
         time.sleep(self.pause)
 
 
-def interleaved(table):
+def interleaved(table, read_every=0, pause=20e-6):
     """The same table (same memory, locks and salt) seen through :class:`Interleaving`."""
     from mplb.shmtable import ShmTable
-    return ShmTable(Interleaving(table.q), table.start, table.capacity, table.ttl_us,
+    return ShmTable(Interleaving(table.q, pause, read_every), table.start, table.capacity, table.ttl_us,
                     table.salt, table.locks, stripe_seed=table.seed, name=table.name)
 
 
@@ -240,12 +248,13 @@ def main(argv) -> int:
     disable_protection(locks="--no-locks" in argv, seqlock="--no-seqlock" in argv)
     path = os.path.join(tempfile.gettempdir(), f"mplb.stress.{os.getpid()}")
     shared = SharedState.create(path, max_workers=4, max_servers=8, table_entries=8192)
-    wrap = interleaved if "--interleave" in argv else (lambda table: table)
+    slow = "--interleave" in argv
     try:
-        found = race_inserts(wrap(shared.table("race", 64 * GROUP, 1e6)), 64)
+        table = shared.table("race", 64 * GROUP, 1e6)
+        found = race_inserts(interleaved(table) if slow else table, 24)
         print(f"race_inserts: {len(found)} violations", *found[:5], sep="\n  ")
-        more = churn(wrap(shared.table("churn", 2 * GROUP, 1e6)), 2000 if wrap is interleaved
-                     else 20000)
+        table = shared.table("churn", 2 * GROUP, 1e6)
+        more = churn(interleaved(table, 3) if slow else table, 1500 if slow else 20000)
         print(f"churn: {len(more)} violations", *more[:5], sep="\n  ")
         return 1 if found or more else 0
     finally:

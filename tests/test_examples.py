@@ -590,6 +590,8 @@ def test_docker_files_consistent():
     conf = (EXAMPLES / "docker-loadbalancer.conf").read_text()
     assert dockerfile.startswith("#") and "FROM python:3.11-slim" in dockerfile
     assert "pip install ." in dockerfile
+    ignore = (EXAMPLES / "Dockerfile.dockerignore").read_text().split()
+    assert ".venv" in ignore and ".git" in ignore
     for name in ("backend1", "backend2", "backend3"):
         assert f"  {name}:" in compose
         assert f'"--name", "{name}"' in compose

@@ -255,6 +255,18 @@ def test_pipelining_answers_in_order(env):
     assert json.loads(responses[3].body)["path"] == "/third"
 
 
+def test_deep_pipelining_with_large_heads(env):
+    """Hundreds of pipelined requests with 2 KB heads: no false 414/431 across recvs."""
+    filler = "v" * 2000
+    raw = b"".join(b"GET /ret HTTP/1.1\r\nHost: x\r\nX-Fill-%d: %s\r\n\r\n"
+                   % (n, filler.encode()) for n in range(150))
+    raw += b"GET /last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    responses = request(env, raw, timeout=30)
+    assert [r.status for r in responses] == [200] * 151
+    assert all(r.body == b"hello text" for r in responses[:150])
+    assert json.loads(responses[150].body)["path"] == "/last"
+
+
 def test_keepalive_requests_limit(env):
     with RawConnection(env.port) as conn:
         for n in range(1, 4):

@@ -1,6 +1,5 @@
 """Shared segment: layout, counters, fork inheritance, tables (TTL, LRU, multi-process)."""
 import os
-import random
 from collections import OrderedDict
 
 import pytest
@@ -146,39 +145,22 @@ def test_table_is_lru_within_a_group(ops):
             assert table.get(key, t) == expected
 
 
-def value_for(key, version, salt):
-    return (digest_words(key, salt)[0] & ~0xFF) | (version & 0xFF)
+def test_tables_hammered_by_four_processes(tmp_path):
+    """4 processes, all keys forced into a few groups so writers collide constantly.
 
-
-def test_four_processes_hammer_one_table(shared):
-    table = shared.table("stress", 65536, 1e6)
-    keys = [b"client-%d" % i for i in range(3000)]
-    children = []
-    for worker in range(4):
-        pid = os.fork()
-        if pid == 0:
-            status = 0
-            try:
-                rng = random.Random(worker)
-                mine = keys[worker::4]
-                for i, key in enumerate(mine):           # every key inserted once
-                    table.put(key, value_for(key, worker, table.salt), 1.0 + i * 1e-3)
-                for _ in range(20000):
-                    key = rng.choice(keys)
-                    if rng.random() < 0.5:
-                        table.put(key, value_for(key, rng.randrange(256), table.salt), 5.0)
-                    else:
-                        value = table.get(key, 6.0)
-                        if value is not None and value & ~0xFF != value_for(key, 0, table.salt):
-                            status = 3                    # torn or misattributed entry
-            except BaseException:
-                status = 4
-            os._exit(status)
-        children.append(pid)
-    for pid in children:
-        assert os.waitpid(pid, 0)[1] == 0
-    for key in keys:
-        value = table.get(key, 7.0)
-        assert value is not None, key                    # nothing lost: capacity allows
-        assert value & ~0xFF == value_for(key, 0, table.salt)
-    assert shared.tables(7.0)["stress"]["entries"] == len(keys)
+    The interleaved runs make another process run in the middle of table updates; with
+    the stripe locks switched off (``python -m tests.shm_stress --interleave --no-locks``)
+    hundreds of keys are lost or duplicated, so this test fails without the locks.
+    """
+    from tests.shm_stress import churn, interleaved, race_inserts
+    shared = SharedState.create(str(tmp_path / "mplb.stress"), max_workers=4, max_servers=8,
+                                table_entries=24 * GROUP + 4 * GROUP)
+    try:
+        race = shared.table("race", 24 * GROUP, 1e6)
+        assert race_inserts(interleaved(race), 24) == []
+        assert churn(interleaved(shared.table("churn", 2 * GROUP, 1e6), read_every=3),
+                     1000) == []
+        assert churn(shared.table("fast", 2 * GROUP, 1e6), 20000) == []   # full speed
+    finally:
+        shared.close()
+        shared.unlink()

@@ -362,7 +362,9 @@ class Worker:
     def run(self):
         self.listeners = []
         for key, (raw_sock, listen) in self.ctx.listen_sockets.items():
-            lsock = gsocket.socket(fileno=os.dup(raw_sock.fileno()))
+            # Take the inherited descriptor itself (no dup), so closing it on QUIT
+            # really stops this worker listening.
+            lsock = gsocket.socket(fileno=raw_sock.detach())
             self.listeners.append(lsock)
             gevent.spawn(self.accept_loop, lsock, listen)
         gevent.signal_handler(signal.SIGQUIT, self.graceful_stop)

@@ -1,0 +1,304 @@
+"""End to end: balancing, persistence and health through a real mplb with 4 workers.
+
+Every test starts real backends (tests/backend_server.py, which names itself in every JSON
+answer and WebSocket welcome) and a real mplb master with 4 workers, then drives it with
+new client connections: each one may be accepted by any worker, so what is checked here
+is what the workers share through the segment (tables, counters, health).
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import websocket
+
+from tests.harness import Backend, Mplb, free_port, get, get_json, wait_for
+
+pytestmark = pytest.mark.timeout(180)
+WORKERS = 4
+
+
+def conf_for(port, servers, method="weighted_round_robin", persistence="none", extra=""):
+    """One upstream ``app`` behind ``/``, and the status location."""
+    lines = "\n".join(f"        server {s};" for s in servers)
+    return f"""
+worker_processes {WORKERS};
+upstream app {{
+    method {method};
+    persistence {persistence};
+{lines}
+    {extra}
+}}
+server {{
+    listen 127.0.0.1:{port};
+    location = /status {{ mplb_status; }}
+    location / {{ proxy_pass app; }}
+}}
+"""
+
+
+def start(servers, **kw):
+    port = free_port()
+    lb = Mplb(conf_for(port, servers, **kw), workers=WORKERS, wait_ports=[port])
+    return lb, port
+
+
+def backend_of(port, path="/", headers=None):
+    """(status, backend name or None, response headers) of one request on a new connection."""
+    status, headers_out, body = get(port, path, headers)
+    name = None
+    if status == 200:
+        name = json.loads(body)["backend"]
+    return status, name, headers_out
+
+
+def open_ws(port, path="/ws", **options):
+    """A WebSocket through mplb and the name of the backend that welcomed it."""
+    ws = websocket.create_connection(f"ws://127.0.0.1:{port}{path}", timeout=10, **options)
+    return ws, json.loads(ws.recv())["backend"]
+
+
+def status(port):
+    code, data = get_json(port, "/status")
+    assert code == 200
+    return data
+
+
+def server_rows(port, upstream="app"):
+    return {row["server"]: row for row in status(port)["upstreams"][upstream]["servers"]}
+
+
+def worker_requests(port):
+    return {w["pid"]: w["requests"] for w in status(port)["workers"]}
+
+
+def hostport(backend):
+    return f"127.0.0.1:{backend.port}"
+
+
+@pytest.fixture(scope="module")
+def backends():
+    started = [Backend(f"b{i}") for i in range(3)]
+    yield started
+    for backend in started:
+        backend.stop()
+
+
+@pytest.fixture
+def cleanup():
+    """Stops whatever the test registers, even when it fails."""
+    items = []
+    yield items
+    for item in reversed(items):
+        try:
+            item.close() if isinstance(item, websocket.WebSocket) else item.stop()
+        except Exception as exc:            # noqa: BLE001 - report, keep cleaning up
+            print(f"cleanup: {exc!r}")
+
+
+def spread_over_workers(port, before) -> int:
+    """How many workers served requests since ``before`` (a worker_requests snapshot)."""
+    after = worker_requests(port)
+    return sum(1 for pid, n in after.items() if n > before.get(pid, 0))
+
+
+# -- persistence ---------------------------------------------------------------------------
+
+def test_ip_hash_sticks_whichever_worker_accepts(backends, cleanup):
+    lb, port = start([b.url for b in backends], persistence="ip_hash")
+    cleanup.append(lb)
+    before = worker_requests(port)
+    names = {backend_of(port)[1] for _ in range(40)}
+    assert len(names) == 1, names
+    assert spread_over_workers(port, before) >= 2, "all connections landed on one worker"
+    assert status(port)["upstreams"]["app"]["persistence_entries"] == 1
+    ws, name = open_ws(port)
+    cleanup.append(ws)
+    assert {name} == names
+    line = wait_for(lambda: re.search(
+        r"upgrade GET /ws client=127\.0\.0\.1:\d+ upstream=app server=127\.0\.0\.1:\d+ "
+        r"persistence=ip_hash (hit|miss|repick)", lb.output()), message="upgrade log line")
+    assert line.group(1) == "hit"
+
+
+def test_cookie_sticks_forged_is_replaced_and_set_on_101(backends, cleanup):
+    lb, port = start([b.url for b in backends], persistence="cookie ttl=1h")
+    cleanup.append(lb)
+    _, first, headers = backend_of(port)
+    cookie_line = headers["set-cookie"]
+    assert re.fullmatch(r"MPLB_SESSION=[\w-]+\.[\w-]+; Path=/; HttpOnly; SameSite=Lax; "
+                        r"Max-Age=3600", cookie_line), cookie_line
+    cookie = cookie_line.split(";")[0]
+    before = worker_requests(port)
+    for _ in range(40):
+        _, name, headers = backend_of(port, headers={"Cookie": f"x=1; {cookie}"})
+        assert name == first and "set-cookie" not in headers
+    assert spread_over_workers(port, before) >= 2
+    value = cookie.split("=", 1)[1]
+    token, mac = value.split(".")
+    for forged in (f"{token}.{mac[:-1]}{'A' if mac[-1] != 'A' else 'B'}",   # altered mac
+                   f"{'A' if token[0] != 'A' else 'B'}{token[1:]}.{mac}",   # altered server
+                   "garbage"):
+        _, _, headers = backend_of(port, headers={"Cookie": f"MPLB_SESSION={forged}"})
+        fresh = headers["set-cookie"].split(";")[0]
+        assert fresh.startswith("MPLB_SESSION=") and fresh != f"MPLB_SESSION={forged}"
+        owner = backend_of(port, headers={"Cookie": fresh})[1]
+        assert all(backend_of(port, headers={"Cookie": fresh})[1] == owner for _ in range(5))
+    ws = websocket.create_connection(f"ws://127.0.0.1:{port}/ws", timeout=10)
+    cleanup.append(ws)
+    assert ws.getstatus() == 101
+    assert ws.getheaders()["set-cookie"].startswith("MPLB_SESSION=")
+    ws2 = websocket.create_connection(f"ws://127.0.0.1:{port}/ws", timeout=10,
+                                      cookie=cookie)
+    cleanup.append(ws2)
+    assert json.loads(ws2.recv())["backend"] == first
+    assert "set-cookie" not in ws2.getheaders()
+
+
+def test_learned_session_cookie_routes_to_its_backend(backends, cleanup):
+    lb, port = start([b.url for b in backends], persistence="cookie learn=JSESSIONID")
+    cleanup.append(lb)
+    owners = {}
+    for session in ("abc", "def", "ghi"):
+        status_code, owner, headers = backend_of(port, f"/set-cookie/JSESSIONID/{session}")
+        assert status_code == 200 and headers["set-cookie"].startswith(f"JSESSIONID={session}")
+        owners[session] = owner
+    assert len(set(owners.values())) >= 2              # round robin spread the sessions
+    before = worker_requests(port)
+    for _ in range(15):
+        for session, owner in owners.items():
+            cookie = f"a=b; JSESSIONID={session}"
+            assert backend_of(port, headers={"Cookie": cookie})[1] == owner
+    assert spread_over_workers(port, before) >= 2
+
+
+def test_repick_when_persisted_backend_dies(cleanup):
+    pool = [Backend(f"r{i}") for i in range(3)]
+    cleanup.extend(pool)
+    lb, port = start([b.url for b in pool], persistence="ip_hash",
+                     extra="")
+    cleanup.append(lb)
+    first = backend_of(port)[1]
+    dead = next(b for b in pool if b.backend_name == first)
+    dead.stop()
+    ws, moved = open_ws(port)             # connect refused -> failed -> fresh pick
+    cleanup.append(ws)
+    assert moved != first
+    line = wait_for(lambda: re.search(rf"upgrade GET /ws client=\S+ upstream=app "
+                                      rf"server=(\S+) persistence=ip_hash repick", lb.output()),
+                    message="repick log line")
+    moved_backend = next(b for b in pool if b.backend_name == moved)
+    assert line.group(1) == hostport(moved_backend)
+    assert {backend_of(port)[1] for _ in range(20)} == {moved}     # the record moved
+    assert server_rows(port)[hostport(dead)]["state"] == "failed"
+
+
+# -- least_connections ----------------------------------------------------------------------
+
+def test_least_connections_balances_tunnels_across_workers(backends, cleanup):
+    lb, port = start([b.url for b in backends], method="least_connections")
+    cleanup.append(lb)
+    tunnels = {b.backend_name: [] for b in backends}
+    for _ in range(30):
+        ws, name = open_ws(port)
+        cleanup.append(ws)
+        tunnels[name].append(ws)
+    counts = {name: len(held) for name, held in tunnels.items()}
+    assert all(9 <= n <= 11 for n in counts.values()), counts
+    rows = server_rows(port)
+    assert sorted(r["tunnels"] for r in rows.values()) == sorted(counts.values())
+    # b0 keeps its tunnels, the others lose 6 each: new tunnels must go to b1 and b2.
+    for name in ("b1", "b2"):
+        for ws in tunnels[name][:6]:
+            ws.close()
+    wait_for(lambda: sum(r["active"] for r in server_rows(port).values()) == 30 - 12,
+             message="closed tunnels released")
+    newcomers = [open_ws(port) for _ in range(10)]
+    cleanup.extend(ws for ws, _ in newcomers)
+    assert "b0" not in {name for _, name in newcomers}
+    active = {row["server"]: row["active"] for row in server_rows(port).values()}
+    assert max(active.values()) - min(active.values()) <= 2, active
+
+
+# -- limits, backup, down --------------------------------------------------------------------
+
+def test_max_conns_counts_tunnels_of_all_workers(backends, cleanup):
+    b0, b1, _ = backends
+    lb, port = start([f"{b0.url} weight=10 max_conns=2", f"{b1.url} max_conns=2"])
+    cleanup.append(lb)
+    names = []
+    for _ in range(4):
+        ws, name = open_ws(port)
+        cleanup.append(ws)
+        names.append(name)
+    assert names[:2] == ["b0", "b0"] and sorted(names[2:]) == ["b1", "b1"], names
+    with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+        open_ws(port)
+    assert refused.value.status_code == 502
+    assert get(port, "/")[0] == 502                     # plain HTTP too: nothing available
+    cleanup[-1].close()                                 # one b1 tunnel ends
+    wait_for(lambda: server_rows(port)[hostport(b1)]["active"] == 1, message="slot freed")
+    ws, name = open_ws(port)
+    cleanup.append(ws)
+    assert name == "b1"
+
+
+def test_backup_only_when_primaries_are_gone_and_down_never(backends, cleanup):
+    pool = [Backend(f"p{i}") for i in range(2)]
+    cleanup.extend(pool)
+    b_down, b_backup = backends[0], backends[1]
+    lb, port = start([pool[0].url, pool[1].url, f"{b_down.url} down",
+                      f"{b_backup.url} backup"])
+    cleanup.append(lb)
+    assert {backend_of(port)[1] for _ in range(20)} == {"p0", "p1"}
+    rows = server_rows(port)
+    assert rows[hostport(b_down)]["state"] == "down"
+    assert rows[hostport(b_backup)]["state"] == "backup"
+    for backend in pool:
+        backend.stop()
+    assert {backend_of(port)[1] for _ in range(10)} == {b_backup.backend_name}
+    assert server_rows(port)[hostport(b_down)]["requests"] == 0
+
+
+# -- health ---------------------------------------------------------------------------------
+
+def test_passive_failure_is_shared_by_all_workers(backends, cleanup):
+    dead_port = free_port()
+    lb, port = start([f"http://127.0.0.1:{dead_port} max_fails=1 fail_timeout=30s",
+                      backends[0].url, backends[1].url])
+    cleanup.append(lb)
+    before = worker_requests(port)
+    names = [backend_of(port)[1] for _ in range(40)]
+    assert set(names) == {"b0", "b1"}                   # retried elsewhere, never failed
+    assert spread_over_workers(port, before) >= 2
+    dead = server_rows(port)[f"127.0.0.1:{dead_port}"]
+    assert dead["state"] == "failed"
+    assert dead["failures"] == 1, "each worker had to find the dead server by itself"
+
+
+def test_active_health_check_once_for_all_workers(cleanup):
+    pool = [Backend(f"h{i}") for i in range(2)]
+    cleanup.extend(pool)
+    lb, port = start([b.url for b in pool],
+                     extra="health_check interval=0.5s fails=1 passes=1 timeout=1s;")
+    cleanup.append(lb)
+    watched = pool[1]
+    wait_for(lambda: {backend_of(port)[1] for _ in range(4)} == {"h0", "h1"},
+             message="both up")
+    watched.stop()
+    wait_for(lambda: server_rows(port)[hostport(watched)]["state"] == "down", timeout=10,
+             message="health check marks it down")
+    assert {backend_of(port)[1] for _ in range(20)} == {"h0"}
+    assert server_rows(port)[hostport(watched)]["failures"] == 0   # no request tried it
+    revived = Backend("h1", port=watched.port)
+    cleanup.append(revived)
+    wait_for(lambda: server_rows(port)[hostport(watched)]["state"] == "up", timeout=10,
+             message="health check marks it up")
+    assert "h1" in {backend_of(port)[1] for _ in range(10)}
+    output = lb.output()
+    down = re.findall(rf"\[warn\] (\d+)#\d+: upstream app server {hostport(watched)} "
+                      rf"is down", output)
+    up = re.findall(rf"\[warn\] (\d+)#\d+: upstream app server {hostport(watched)} is up",
+                    output)
+    assert down == [str(lb.pid)] and up == [str(lb.pid)], output[-2000:]
