@@ -49,9 +49,8 @@ import struct
 import time
 
 from mplb.errors import MplbError
-from mplb.shmtable import (ENTRY_WORDS, GROUP, LOCK_GLOBAL, LOCK_HEALTH, LOCK_TABLE,  # noqa: F401
-                           STRIPES, TOUCH_US, ShmTable, StripeLocks, digest_words,
-                           private_table)
+from mplb.shmtable import (ENTRY_WORDS, GROUP, LOCK_GLOBAL, LOCK_HEALTH,  # noqa: F401
+                           LOCK_TABLE, STRIPES, TOUCH_US, ShmTable, StripeLocks, digest_words)
 
 MAGIC = b"MPLBSHM1"
 VERSION = 1
@@ -423,7 +422,8 @@ class SharedState:
     def _alloc_table(self, k1, k2, raw, capacity):
         used = self.q[11]
         if used + capacity > self.q[10]:
-            raise MplbError(f"shared memory table pool exhausted ({used}+{capacity} > {self.q[10]})")
+            raise MplbError(f"shared memory table pool exhausted "
+                            f"({used}+{capacity} > {self.q[10]})")
         for i in range(self.max_tables):
             d = self.off_tables + i * TABLE_DIR_BYTES // 8
             if self.q[d] == 0 and self.q[d + 1] == 0:

@@ -209,13 +209,14 @@ class ShmTable:
             self.locks.release(lock)
 
     def count(self, now: float) -> int:
-        """Live entries (a scan; for statistics only)."""
+        """Live entries (a scan in C-speed steps; for statistics only)."""
         cutoff = int(now * 1_000_000) - self.ttl_us
         end = self.start + self.capacity * ENTRY_WORDS
-        col = self.q[self.start + 4:end:ENTRY_WORDS]
-        k1s = self.q[self.start + 1:end:ENTRY_WORDS]
-        k2s = self.q[self.start + 2:end:ENTRY_WORDS]
-        return sum(1 for used, a, b in zip(col, k1s, k2s) if used >= cutoff and (a or b))
+        used = self.q[self.start + 4:end:ENTRY_WORDS].tolist()
+        live = sum(map(cutoff.__le__, used))
+        if cutoff <= 0:                 # never-written entries (used == 0) passed the test
+            live -= used.count(0)
+        return live
 
     def entries(self):
         """(k1, k2, value, last_used) of every written entry (tests and tools)."""

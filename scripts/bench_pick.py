@@ -62,9 +62,12 @@ def main():
     parser.add_argument("-n", type=int, default=60000, help="picks per measurement")
     parser.add_argument("--servers", type=int, default=8)
     parser.add_argument("--local", action="store_true", help="shared=None (in-process)")
+    parser.add_argument("--max-conns", type=int, default=1000,
+                        help="max_conns of every server (0: no limit, no counter sums)")
     args = parser.parse_args()
     servers = tuple(UpstreamServer(url=f"http://10.1.0.{i}:80", host=f"10.1.0.{i}", port=80,
-                                   address=f"10.1.0.{i}", weight=1 + i % 3, max_conns=1000)
+                                   address=f"10.1.0.{i}", weight=1 + i % 3,
+                                   max_conns=args.max_conns)
                     for i in range(1, args.servers + 1))
     requests = [Request(i) for i in range(1000)]     # 1000 distinct clients: hits after warm-up
     path = os.path.join(tempfile.gettempdir(), f"mplb.bench.{os.getpid()}")
@@ -74,7 +77,7 @@ def main():
         if shared is not None:
             for slot in range(4):
                 shared.worker_started(slot, 1, 1)   # readers sum 4 worker slots
-        print(f"{args.servers} servers, {args.n} picks, "
+        print(f"{args.servers} servers (max_conns={args.max_conns}), {args.n} picks, "
               f"{'in-process state' if shared is None else 'shared memory, 4 worker slots'}")
         print(f"{'method':<22}" + "".join(f"{m:>17}" for m, _ in MODES) + "   (us/pick)")
         for method in METHODS:

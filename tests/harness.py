@@ -402,3 +402,199 @@ class RawConnection:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# ---- WebSocket helpers (tests/test_websocket_e2e.py, tests/test_tls.py) ------------------
+
+class WsBackend(Process):
+    """tests/ws_server.py: a `websockets` asyncio echo backend (permessage-deflate,
+    subprotocols, close/ping commands, per-connection control-frame counts)."""
+
+    def __init__(self, name=None, port=None, host="127.0.0.1"):
+        self.port = port or free_port(host)
+        self.host = host
+        self.backend_name = name or f"ws{self.port}"
+        super().__init__([sys.executable, os.path.join(HERE, "ws_server.py"),
+                          "--port", str(self.port), "--name", self.backend_name,
+                          "--host", host], name=self.backend_name)
+        wait_for(lambda: port_open(self.port, host) or not self.alive(),
+                 message=f"ws backend {self.port}")
+        if not self.alive():
+            raise RuntimeError(f"ws backend failed to start:\n{self.output()}")
+
+    @property
+    def url(self):
+        return f"http://{self.host}:{self.port}"
+
+
+def raise_nofile_limit() -> int:
+    """Raise this process's RLIMIT_NOFILE soft limit to the hard limit (children inherit)."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def process_nofile_limit(pid) -> int:
+    """The soft 'Max open files' limit of another process (from /proc)."""
+    with open(f"/proc/{pid}/limits") as handle:
+        for line in handle:
+            if line.startswith("Max open files"):
+                return int(line.split()[3])
+    raise AssertionError(f"no open-files limit for pid {pid}")
+
+
+class RawWebSocket:
+    """A minimal WebSocket client on a plain (or TLS) socket, frame by frame.
+
+    It shows exactly what arrives: mplb's own Ping frames, Close frames (or a bare TCP
+    close), nothing answered automatically.  Frames it sends are masked (client rule).
+    """
+
+    def __init__(self, port, path="/ws", host="127.0.0.1", timeout=10.0, ssl_context=None,
+                 headers=()):
+        import base64
+        sock = socket.create_connection((host, port), timeout=timeout)
+        if ssl_context is not None:
+            sock = ssl_context.wrap_socket(sock, server_hostname=host)
+        self.sock = sock
+        self.buffer = b""
+        self.eof = False
+        key = base64.b64encode(os.urandom(16)).decode()
+        head = (f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                f"Sec-WebSocket-Version: 13\r\n")
+        head += "".join(f"{name}: {value}\r\n" for name, value in headers)
+        sock.sendall((head + "\r\n").encode())
+        deadline = time.monotonic() + timeout
+        while b"\r\n\r\n" not in self.buffer:
+            if not self._fill(deadline):
+                raise AssertionError(f"no upgrade response: {self.buffer[:300]!r}")
+        end = self.buffer.index(b"\r\n\r\n")
+        self.head = self.buffer[:end].decode("latin-1")
+        self.buffer = self.buffer[end + 4:]
+        self.status = int(self.head.split()[1])
+
+    def _fill(self, deadline) -> bool:
+        left = deadline - time.monotonic()
+        if left <= 0 or self.eof:
+            return False
+        self.sock.settimeout(left)
+        try:
+            data = self.sock.recv(65536)
+        except (socket.timeout, TimeoutError):
+            return False
+        except (ConnectionResetError, BrokenPipeError):
+            data = b""
+        except OSError as exc:          # ssl.SSLError on a TLS-level EOF and the like
+            if "timed out" in str(exc):
+                return False
+            data = b""
+        if not data:
+            self.eof = True
+            return False
+        self.buffer += data
+        return True
+
+    def send_frame(self, opcode, payload=b"", fin=True):
+        import struct
+        key = os.urandom(4)
+        n = len(payload)
+        first = (0x80 if fin else 0) | opcode
+        if n < 126:
+            head = bytes((first, 0x80 | n))
+        elif n < 65536:
+            head = bytes((first, 0x80 | 126)) + struct.pack(">H", n)
+        else:
+            head = bytes((first, 0x80 | 127)) + struct.pack(">Q", n)
+        masked = bytes(b ^ key[i & 3] for i, b in enumerate(payload))
+        self.sock.sendall(head + key + masked)
+
+    def send_text(self, text):
+        self.send_frame(0x1, text.encode())
+
+    def send_close(self, code=1000, reason=""):
+        import struct
+        self.send_frame(0x8, struct.pack(">H", code) + reason.encode())
+
+    def recv_frame(self, timeout=10.0):
+        """(fin, opcode, payload) of the next frame, or None on EOF/timeout (see .eof)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            frame = self._parse()
+            if frame is not None:
+                return frame
+            if not self._fill(deadline):
+                return None
+
+    def _parse(self):
+        buf = self.buffer
+        if len(buf) < 2:
+            return None
+        n = buf[1] & 0x7F
+        pos = 2
+        if n == 126:
+            if len(buf) < 4:
+                return None
+            n, pos = int.from_bytes(buf[2:4], "big"), 4
+        elif n == 127:
+            if len(buf) < 10:
+                return None
+            n, pos = int.from_bytes(buf[2:10], "big"), 10
+        if buf[1] & 0x80:
+            pos += 4                     # servers never mask; tolerate it anyway
+        if len(buf) < pos + n:
+            return None
+        payload = buf[pos:pos + n]
+        if buf[1] & 0x80:
+            key = buf[pos - 4:pos]
+            payload = bytes(b ^ key[i & 3] for i, b in enumerate(payload))
+        self.buffer = buf[pos + n:]
+        return bool(buf[0] & 0x80), buf[0] & 0x0F, payload
+
+    def recv_data(self, timeout=10.0):
+        """The next data frame's payload, skipping (and recording) control frames."""
+        deadline = time.monotonic() + timeout
+        while True:
+            frame = self.recv_frame(max(0.0, deadline - time.monotonic()))
+            if frame is None:
+                raise AssertionError(f"no data frame (eof={self.eof})")
+            if frame[1] in (0x1, 0x2, 0x0):
+                return frame[2]
+            self.controls.append(frame)
+
+    @property
+    def controls(self):
+        if not hasattr(self, "_controls"):
+            self._controls = []
+        return self._controls
+
+    def wait_eof(self, timeout=10.0):
+        """Read (and keep) frames until the peer closes the TCP connection."""
+        deadline = time.monotonic() + timeout
+        frames = []
+        while not self.eof and time.monotonic() < deadline:
+            frame = self._parse()
+            if frame is not None:
+                frames.append(frame)
+                continue
+            self._fill(deadline)
+        while True:
+            frame = self._parse()
+            if frame is None:
+                break
+            frames.append(frame)
+        return self.eof, frames
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

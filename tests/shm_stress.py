@@ -123,8 +123,9 @@ class Interleaving:
 def interleaved(table, read_every=0, pause=20e-6):
     """The same table (same memory, locks and salt) seen through :class:`Interleaving`."""
     from mplb.shmtable import ShmTable
-    return ShmTable(Interleaving(table.q, pause, read_every), table.start, table.capacity, table.ttl_us,
-                    table.salt, table.locks, stripe_seed=table.seed, name=table.name)
+    return ShmTable(Interleaving(table.q, pause, read_every), table.start, table.capacity,
+                    table.ttl_us, table.salt, table.locks, stripe_seed=table.seed,
+                    name=table.name)
 
 
 class Barrier:

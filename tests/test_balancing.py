@@ -171,3 +171,44 @@ def test_free_is_idempotent_and_counts(shared):
     balancer.free(pick, True)
     assert shared.active_total(pick.sid) == 0
     assert shared.server_counters(pick.server.url)["failures"] == 1
+
+
+def test_slots_started_later_are_summed(tmp_path):
+    """A worker slot that starts after the balancer was built still counts (max_conns)."""
+    shared = SharedState.create(str(tmp_path / "mplb.late"), max_workers=8, max_servers=8,
+                                table_entries=16)
+    shared.worker_started(0, 1000, 1)
+    up = Upstream("b", servers=(srv(1, max_conns=2), srv(2)))
+    w0 = init_upstream(up, shared, 0)
+    assert w0.active_total(0) == 0
+    shared.worker_started(5, 2000, 1)                 # e.g. TTIN: a new slot in use
+    late = init_upstream(up, shared, 5)
+    held = [late.get(None, frozenset({1})) for _ in range(2)]
+    assert [p.index for p in held] == [0, 0]
+    assert w0.active_total(0) == 2
+    assert picks(w0, 3) == [1, 1, 1]                   # server 0 is at max_conns
+    late.free(held[0], False)
+    assert 0 in picks(w0, 2)
+    shared.close()
+    shared.unlink()
+
+
+def test_clock_read_only_when_failures_exist():
+    calls = []
+
+    def clock():
+        calls.append(1)
+        return 1000.0
+    up = Upstream("b", servers=(srv(1), srv(2, max_conns=5)))
+    balancer = init_upstream(up, None, 0, clock=clock)
+    picks(balancer, 10)
+    assert calls == []                                  # the hot path never asked
+    balancer.free(balancer.get(None, frozenset({1})), True)
+    assert picks(balancer, 3) == [1, 1, 1] and calls
+
+
+def test_word_sum_matches_slices():
+    from mplb.balancing import word_sum
+    words = list(range(1000))
+    for count in (0, 1, 4, 32, 33, 60):
+        assert word_sum(7, 8, count)(words) == sum(words[7:7 + 8 * count:8])

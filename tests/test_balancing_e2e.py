@@ -53,6 +53,20 @@ def backend_of(port, path="/", headers=None):
     return status, name, headers_out
 
 
+def backend_from(port, source_ip):
+    """The backend answering a new connection made from ``source_ip`` (any 127.x works)."""
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10,
+                                      source_address=(source_ip, 0))
+    try:
+        conn.request("GET", "/")
+        response = conn.getresponse()
+        assert response.status == 200
+        return json.loads(response.read())["backend"]
+    finally:
+        conn.close()
+
+
 def open_ws(port, path="/ws", **options):
     """A WebSocket through mplb and the name of the backend that welcomed it."""
     ws = websocket.create_connection(f"ws://127.0.0.1:{port}{path}", timeout=10, **options)
@@ -112,10 +126,19 @@ def test_ip_hash_sticks_whichever_worker_accepts(backends, cleanup):
     names = {backend_of(port)[1] for _ in range(40)}
     assert len(names) == 1, names
     assert spread_over_workers(port, before) >= 2, "all connections landed on one worker"
-    assert status(port)["upstreams"]["app"]["persistence_entries"] == 1
+    wait_for(lambda: status(port)["upstreams"]["app"]["persistence_entries"] == 1,
+             timeout=5, message="one table entry (counts are cached for a second)")
     ws, name = open_ws(port)
     cleanup.append(ws)
     assert {name} == names
+    # Many clients, so every worker's rotation moves on: each must still stick.
+    clients = [f"127.0.0.{i}" for i in range(2, 14)]
+    seen = {ip: set() for ip in clients}
+    for _ in range(6):
+        for ip in clients:
+            seen[ip].add(backend_from(port, ip))
+    assert all(len(owners) == 1 for owners in seen.values()), seen
+    assert len({owner for owners in seen.values() for owner in owners}) >= 2, seen
     line = wait_for(lambda: re.search(
         r"upgrade GET /ws client=127\.0\.0\.1:\d+ upstream=app server=127\.0\.0\.1:\d+ "
         r"persistence=ip_hash (hit|miss|repick)", lb.output()), message="upgrade log line")
@@ -302,3 +325,24 @@ def test_active_health_check_once_for_all_workers(cleanup):
     up = re.findall(rf"\[warn\] (\d+)#\d+: upstream app server {hostport(watched)} is up",
                     output)
     assert down == [str(lb.pid)] and up == [str(lb.pid)], output[-2000:]
+
+
+def test_records_survive_a_reload_that_reorders_servers(cleanup):
+    pool = [Backend(f"o{i}") for i in range(4)]
+    cleanup.extend(pool)
+    port = free_port()
+    servers = [b.url for b in pool[:3]]
+    lb = Mplb(conf_for(port, servers, persistence="ip_hash"), workers=WORKERS,
+              wait_ports=[port])
+    cleanup.append(lb)
+    clients = [f"127.0.0.{i}" for i in range(2, 10)]
+    owners = {ip: backend_from(port, ip) for ip in clients}
+    assert len(set(owners.values())) >= 2
+    generation = status(port)["generation"]
+    lb.rewrite(conf_for(port, [pool[3].url] + servers[::-1], persistence="ip_hash"))
+    lb.signal(1)                                        # SIGHUP: reload
+    wait_for(lambda: status(port)["generation"] > generation and
+             all(w["generation"] > generation for w in status(port)["workers"]),
+             timeout=20, message="new generation of workers")
+    for _ in range(3):
+        assert {ip: backend_from(port, ip) for ip in clients} == owners

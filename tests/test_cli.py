@@ -206,8 +206,6 @@ def test_quit_is_graceful(backend):
     _quit_with_request_in_flight(backend, check_refused=False)
 
 
-@pytest.mark.xfail(strict=False, reason="a retiring worker keeps its inherited listen fd open "
-                                        "(workers/worker.py graceful_stop closes only the dup)")
 def test_quit_refuses_new_connections_promptly(backend):
     _quit_with_request_in_flight(backend, check_refused=True)
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from mplb.errors import MplbError
-from mplb.shm import GROUP, SharedState, digest_words, segment_path
+from mplb.shm import GROUP, SharedState, segment_path
 
 
 @pytest.fixture
@@ -109,6 +109,26 @@ def test_table_ttl_expiry(shared):
     assert table.get(b"k", 131.0) == 6
     table.delete(b"k")
     assert table.get(b"k", 131.0) is None
+
+
+def test_put_first_writer_wins_unless_replacing(shared):
+    table = shared.table("first", 64, 10.0)
+    assert table.put(b"client", 1, 100.0, replace=False) is None
+    assert table.put(b"client", 2, 101.0, replace=False) == 1      # another worker was first
+    assert table.get(b"client", 101.0) == 1
+    table.put(b"client", 3, 102.0)                                  # a repick overwrites
+    assert table.get(b"client", 102.0) == 3
+    assert table.put(b"client", 4, 200.0, replace=False) is None    # expired: replaced
+    assert table.get(b"client", 200.0) == 4
+
+
+def test_count_ignores_empty_entries_early_after_boot(shared):
+    table = shared.table("early", 64, 3600.0)           # cutoff below zero: 1 s after boot
+    table.put(b"a", 1, 0.5)
+    table.put(b"b", 2, 0.7)
+    table.delete(b"b")
+    assert table.count(1.0) == 1
+    assert table.count(3600.6) == 0
 
 
 def test_dead_writer_entry_is_repaired(shared):
