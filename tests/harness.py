@@ -453,7 +453,7 @@ class RawWebSocket:
     """
 
     def __init__(self, port, path="/ws", host="127.0.0.1", timeout=10.0, ssl_context=None,
-                 headers=()):
+                 headers=(), early=b""):
         import base64
         sock = socket.create_connection((host, port), timeout=timeout)
         if ssl_context is not None:
@@ -466,7 +466,8 @@ class RawWebSocket:
                 f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
                 f"Sec-WebSocket-Version: 13\r\n")
         head += "".join(f"{name}: {value}\r\n" for name, value in headers)
-        sock.sendall((head + "\r\n").encode())
+        # ``early``: bytes (frames) sent in the same write as the request head
+        sock.sendall((head + "\r\n").encode() + early)
         deadline = time.monotonic() + timeout
         while b"\r\n\r\n" not in self.buffer:
             if not self._fill(deadline):
@@ -498,6 +499,11 @@ class RawWebSocket:
         return True
 
     def send_frame(self, opcode, payload=b"", fin=True):
+        self.sock.sendall(self.frame(opcode, payload, fin))
+
+    @staticmethod
+    def frame(opcode, payload=b"", fin=True) -> bytes:
+        """A masked client frame."""
         import struct
         key = os.urandom(4)
         n = len(payload)
@@ -509,7 +515,7 @@ class RawWebSocket:
         else:
             head = bytes((first, 0x80 | 127)) + struct.pack(">Q", n)
         masked = bytes(b ^ key[i & 3] for i, b in enumerate(payload))
-        self.sock.sendall(head + key + masked)
+        return head + key + masked
 
     def send_text(self, text):
         self.send_frame(0x1, text.encode())

@@ -199,8 +199,7 @@ def test_learned_session_cookie_routes_to_its_backend(backends, cleanup):
 def test_repick_when_persisted_backend_dies(cleanup):
     pool = [Backend(f"r{i}") for i in range(3)]
     cleanup.extend(pool)
-    lb, port = start([b.url for b in pool], persistence="ip_hash",
-                     extra="")
+    lb, port = start([b.url for b in pool], persistence="ip_hash")
     cleanup.append(lb)
     first = backend_of(port)[1]
     dead = next(b for b in pool if b.backend_name == first)

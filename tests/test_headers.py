@@ -5,6 +5,7 @@ import pytest
 
 from mplb.config import load
 from workers.headers import HeadPlan, connection_tokens
+from workers.http import SPECIAL_REQUEST_HEADERS
 from workers.request import Request
 
 
@@ -40,10 +41,10 @@ def make_request(headers, method="GET", url=b"/a/b?x=1", upgrade=False):
     request.method = method
     request.url = url
     request.headers = [(n.encode(), v.encode()) for n, v in headers]
-    for name, value in request.headers:
-        if name.lower() == b"connection":
-            named = connection_tokens(value) - {b"close", b"keep-alive", b"upgrade"}
-            request.connection_named = (request.connection_named or frozenset()) | named
+    for name, value in request.headers:      # what the parser callback does per header
+        handler = SPECIAL_REQUEST_HEADERS.get(len(name))
+        if handler is not None:
+            handler(request, name.lower(), value)
     request.is_upgrade = upgrade
     request.headers_done = True
     return request

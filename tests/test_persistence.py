@@ -79,6 +79,18 @@ def test_ip_hash_repick_updates_record(shared):
     assert (again.index, again.persistence) == (moved.index, "hit")
 
 
+def test_ip_hash_racing_first_requests_follow_the_first_record(shared):
+    up = upstream([srv(1), srv(2), srv(3)], kind="ip_hash", ttl=3600)
+    w0, w1 = init_upstream(up, shared, 0), init_upstream(up, shared, 1)
+    get_free(w1, Req("192.0.2.200"))                   # w1's rotation moves on
+    first = get_free(w0, Req("198.51.100.9"))
+    w1.persistence.lookup = lambda request, now: None  # w1 looked before w0 recorded
+    pick = get_free(w1, Req("198.51.100.9"))
+    assert (pick.index, pick.persistence) == (first.index, "hit")
+    del w1.persistence.lookup
+    assert get_free(w1, Req("198.51.100.9")).index == first.index
+
+
 def test_ip_hash_survives_reordered_reload(shared):
     servers = [srv(1), srv(2), srv(3)]
     before = init_upstream(upstream(servers, kind="ip_hash", ttl=60), shared, 0)

@@ -179,7 +179,7 @@ def test_wss_uncompressed_4mib_both_ways_concurrently(env):
 
 @pytest.mark.parametrize("prefix", ["/ws", "/ka/"], ids=["keepalive-off", "keepalive-on"])
 def test_many_concurrent_wss_tunnels(env, prefix):
-    """100 wss tunnels at once, each moving its own messages (up to 1 MiB) both ways."""
+    """60 wss tunnels at once, each moving its own messages (up to 1 MiB) both ways."""
     async def one(number):
         rng = random.Random(number)
         async with connect(f"wss://127.0.0.1:{env.port}{prefix}?n={number}",
@@ -195,9 +195,9 @@ def test_many_concurrent_wss_tunnels(env, prefix):
         return True
 
     async def main():
-        return await asyncio.gather(*(one(n) for n in range(100)))
+        return await asyncio.gather(*(one(n) for n in range(60)))
 
-    assert asyncio.run(main()) == [True] * 100
+    assert asyncio.run(main()) == [True] * 60
 
 
 def test_wss_idle_tunnel_closed_by_read_timeout(env):
@@ -236,6 +236,18 @@ def test_wss_keepalive_pings(env):
         assert json.loads(frame[2])["pongs"] == 0
 
 
+@pytest.mark.parametrize("prefix", ["/ws", "/ka/"], ids=["keepalive-off", "keepalive-on"])
+def test_wss_frames_in_the_upgrade_request_record(env, prefix):
+    """Frames sent right behind the request head (same TLS write) reach the backend."""
+    early = RawWebSocket.frame(0x1, b"early one") + RawWebSocket.frame(0x2, b"e" * 30000)
+    with RawWebSocket(env.port, prefix, timeout=20, early=early,
+                      ssl_context=client_context()) as ws:
+        assert ws.status == 101
+        assert json.loads(ws.recv_data())["type"] == "welcome"
+        assert ws.recv_data() == b"early one"
+        assert ws.recv_data() == b"e" * 30000
+
+
 def test_tls_garbage_does_not_crash_worker(env):
     pids = sorted(env.lb.worker_pids())
     assert len(pids) == 2
@@ -254,3 +266,32 @@ def test_tls_garbage_does_not_crash_worker(env):
         assert status == 200 and json.loads(body)["path"] == "/after-garbage"
     assert sorted(env.lb.worker_pids()) == pids
     assert "Traceback" not in env.lb.output()
+
+
+def test_wss_backend_killed_closes_client_with_1001():
+    """Keepalive framing on a TLS tunnel: the backend dies, the wss client gets 1001."""
+    import signal
+    backend = Backend(name="tls-victim")
+    port = free_port()
+    lb = Mplb(f"""
+upstream victim {{ server {backend.url}; }}
+server {{
+    listen 127.0.0.1:{port} ssl;
+    ssl_certificate {CERT};
+    ssl_certificate_key {KEY};
+    proxy_websocket_keepalive on interval=0.5s;
+    location / {{ proxy_pass victim; }}
+}}
+""", workers=1, wait_ports=[port])
+    try:
+        with RawWebSocket(port, "/ws", timeout=20, ssl_context=client_context()) as ws:
+            assert json.loads(ws.recv_data())["backend"] == "tls-victim"
+            os.killpg(backend.pid, signal.SIGKILL)
+            eof, frames = ws.wait_eof(timeout=20)
+            assert eof
+            closes = [f for f in frames if f[1] == 0x8]
+            assert closes and closes[0][2][:2] == (1001).to_bytes(2, "big"), frames
+        assert lb.alive()
+    finally:
+        lb.stop()
+        backend.stop()

@@ -58,6 +58,11 @@ server {{
     location /count/ {{ proxy_pass countup; }}
     location /ka/ {{ proxy_websocket_keepalive on interval=0.5s; proxy_pass wsup; }}
     location /idle/ {{ proxy_read_timeout 1s; proxy_pass wsup; }}
+    location /kadead/ {{
+        proxy_websocket_keepalive on interval=0.5s;
+        proxy_read_timeout 2s;
+        proxy_pass wsup;
+    }}
     location = /status {{ mplb_status; }}
 }}
 """
@@ -196,10 +201,17 @@ def test_websockets_transparency_direct_vs_mplb(env, prefix):
 def test_permessage_deflate_really_compresses_through_mplb(env):
     """The deflated bytes cross mplb unchanged: a 4 MiB compressible message costs
     only kilobytes of tunnel traffic (status bytes counters)."""
-    def server_bytes():
+    def server():
         status = json.loads(get(env.port, "/status")[2])
-        server = status["upstreams"]["wsup"]["servers"][0]
-        return server["bytes_in"] + server["bytes_out"]
+        return status["upstreams"]["wsup"]["servers"][0]
+
+    def settled_bytes(more_than=-1):
+        """Byte counters once no tunnel to the server is open (bytes count at close)."""
+        def check():
+            state = server()
+            total = state["bytes_in"] + state["bytes_out"]
+            return (total,) if state["tunnels"] == 0 and total > more_than else None
+        return wait_for(check, timeout=30, message="no open tunnels to wsup")[0]
 
     async def talk():
         async with connect(f"ws://127.0.0.1:{env.port}/ws", compression="deflate",
@@ -210,12 +222,10 @@ def test_permessage_deflate_really_compresses_through_mplb(env):
             assert await ws.recv() == message
             return len(message)
 
-    before = server_bytes()
+    before = settled_bytes()
     size = run(talk())
-    # The tunnel's bytes are accounted when it closes; wait for them to show.
-    after = wait_for(lambda: server_bytes() - before > 0 and server_bytes(),
-                     message="tunnel bytes in the status")
-    assert after - before < size // 20, (after - before, size)
+    after = settled_bytes(more_than=before)
+    assert 0 < after - before < size // 20, (after - before, size)
 
 
 # ---- transparency: websocket-client <-> gevent-websocket ---------------------------------
@@ -363,6 +373,40 @@ def test_keepalive_silent_peers_stay_connected(env):
             ws.send_frame(0xA, frame[2])
             frame = ws.recv_frame(timeout=20)
         assert frame == (True, 0x1, b"still here")
+
+
+def test_keepalive_unanswered_pings_close_both_sides(env):
+    """A client that answers no ping is dead after proxy_read_timeout: Close 1001 to both
+    sides, even though the backend keeps answering mplb's pings."""
+    conn_id = uuid.uuid4().hex
+    with RawWebSocket(env.port, f"/kadead/?id={conn_id}", timeout=20) as ws:
+        client_port = ws.sock.getsockname()[1]
+        ws.recv_data()
+        started = time.monotonic()
+        eof, frames = ws.wait_eof(timeout=30)
+        elapsed = time.monotonic() - started
+    assert eof
+    pings = [f for f in frames if f[1] == 0x9]
+    closes = [f for f in frames if f[1] == 0x8]
+    assert pings and all(f[2].startswith(TOKEN_PREFIX) for f in pings), frames
+    assert closes and closes[0][2][:2] == struct.pack(">H", 1001), frames
+    assert elapsed >= 1.5, elapsed
+    record = run(backend_record(env.ws.port, "/ws", conn_id))
+    assert record["code"] == 1001 and record["pongs"] == 0, record
+    wait_for(lambda: re.search(rf"tunnel client=127\.0\.0\.1:{client_port} "
+                               rf"server=\S+ closed: keepalive timeout", env.lb.output()),
+             message="the -v log line naming the keepalive timeout")
+
+
+@pytest.mark.parametrize("prefix", ["/ws", "/ka/"], ids=["keepalive-off", "keepalive-on"])
+def test_frames_in_the_upgrade_request_packet(env, prefix):
+    """Frames sent right behind the request head (same write) reach the backend."""
+    early = RawWebSocket.frame(0x1, b"early one") + RawWebSocket.frame(0x2, b"\x00early two")
+    with RawWebSocket(env.port, prefix, timeout=20, early=early) as ws:
+        assert ws.status == 101
+        assert json.loads(ws.recv_data())["type"] == "welcome"
+        assert ws.recv_data() == b"early one"
+        assert ws.recv_data() == b"\x00early two"
 
 
 # ---- timeouts and failures ----------------------------------------------------------------

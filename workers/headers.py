@@ -7,6 +7,8 @@ pass over the client's headers and one ``join``.
 """
 from __future__ import annotations
 
+from workers.request import VARIABLES
+
 # Hop-by-hop headers never forwarded in either direction (RFC 9110 section 7.6.1).
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
@@ -29,12 +31,24 @@ def connection_tokens(value: bytes) -> set:
     return {token.strip().lower() for token in value.split(b",") if token.strip()}
 
 
-def _render_parts(parts, request) -> bytes:
-    value = "".join(request.variable(text) if is_var else text for is_var, text in parts)
+def _to_bytes(value: str) -> bytes:
     try:
         return value.encode("latin-1")
     except UnicodeEncodeError:      # a decoded $uri with characters beyond latin-1
         return value.encode("utf-8")
+
+
+def _render_parts(parts, request) -> bytes:
+    return _to_bytes("".join(request.variable(text) if is_var else text
+                             for is_var, text in parts))
+
+
+def compile_value(parts):
+    """A function request -> str for a header template, as direct as the template allows."""
+    if len(parts) == 1 and parts[0][0] and parts[0][1] in VARIABLES:
+        return VARIABLES[parts[0][1]]
+    return lambda request: "".join(request.variable(text) if is_var else text
+                                   for is_var, text in parts)
 
 
 class HeadPlan:
@@ -66,7 +80,7 @@ class HeadPlan:
                 if value:
                     self.static.append(f"{name}: {value}\r\n".encode("latin-1"))
             else:
-                self.dynamic.append((name.encode("latin-1"), parts))
+                self.dynamic.append((name.encode("latin-1"), compile_value(parts)))
         self.static_block = b"".join(self.static)
         self.keepalive = not (self.http10 or self.connection_close)
 
@@ -77,11 +91,7 @@ class HeadPlan:
         if self.host_parts is not None:
             out += [b"Host: ", _render_parts(self.host_parts, request), b"\r\n"]
         else:
-            host = None
-            for name, value in request.headers:
-                if len(name) == 4 and name.lower() == b"host":
-                    host = value
-                    break
+            host = request.host_value
             out += [b"Host: ", host if host is not None else upstream_host, b"\r\n"]
         skip = self.skip
         if request.connection_named:
@@ -91,10 +101,10 @@ class HeadPlan:
             if name.lower() not in skip:
                 out += [name, b": ", value, b"\r\n"]
         out.append(self.static_block)
-        for name, parts in self.dynamic:
-            value = _render_parts(parts, request)
+        for name, value_of in self.dynamic:
+            value = value_of(request)
             if value:
-                out += [name, b": ", value, b"\r\n"]
+                out += [name, b": ", _to_bytes(value), b"\r\n"]
         if request.is_upgrade:
             out += [b"Upgrade: ", (request.header("upgrade") or "").encode("latin-1"),
                     b"\r\nConnection: upgrade\r\n"]

@@ -31,6 +31,53 @@ RECV_SIZE = 16384
 CLOSING_STATUSES = frozenset({400, 408, 413, 414, 417, 431, 500, 502, 504})
 
 
+def _connection_header(request, lname, value):
+    if lname != b"connection":
+        return
+    tokens = connection_tokens(value)
+    named = tokens - {b"close", b"keep-alive", b"upgrade"}
+    request.connection_named = (request.connection_named or frozenset()) | named
+    if b"upgrade" in tokens:
+        request.is_upgrade = True    # confirmed in on_headers_complete
+
+
+def _expect_header(request, lname, value):
+    if lname != b"expect":
+        return
+    if value.lower() != b"100-continue":
+        raise BadRequest(417, "unsupported expectation")
+    request.expect_continue = True
+
+
+def _transfer_encoding_header(request, lname, value):
+    if lname != b"transfer-encoding":
+        return
+    if value.strip().lower() != b"chunked" or request.chunked:
+        raise BadRequest(400, "unsupported transfer coding")
+    request.chunked = True
+
+
+def _content_length_header(request, lname, value):
+    if lname == b"content-length":
+        request.content_length = int(value)
+
+
+def _host_header(request, lname, value):
+    if lname != b"host":
+        return
+    if request.host_seen:
+        raise BadRequest(400, "duplicate Host header")   # nginx: 400
+    request.host_seen = True
+    request.host_value = value
+
+
+# Headers that change how mplb handles a request, keyed by name length so that the
+# common header costs one dict miss.
+SPECIAL_REQUEST_HEADERS = {10: _connection_header, 6: _expect_header,
+                           17: _transfer_encoding_header, 14: _content_length_header,
+                           4: _host_header}
+
+
 class CloseConnection(Exception):
     """Stop serving this connection (after any response already written)."""
 
@@ -91,33 +138,17 @@ class ClientConnection:
 
     def on_header(self, name, value):
         request = self.current
-        headers = request.headers
-        if len(name) + len(value) + 4 > self.limits[1] or len(headers) >= MAX_HEADERS:
+        size = len(name) + len(value) + 4
+        limit = self.limits[1]
+        request.head_size += size
+        if size > limit or len(request.headers) >= MAX_HEADERS:
             raise BadRequest(431, "header too large")
-        headers.append((name, value))
-        request.head_size += len(name) + len(value) + 4
-        if request.head_size > self.limits[0] * self.limits[1]:
+        if request.head_size > self.limits[0] * limit:
             raise BadRequest(431, "headers too large")
-        if len(name) == 10 and name.lower() == b"connection":
-            tokens = connection_tokens(value)
-            named = tokens - {b"close", b"keep-alive", b"upgrade"}
-            request.connection_named = (request.connection_named or frozenset()) | named
-            if b"upgrade" in tokens:
-                request.is_upgrade = True    # confirmed in on_headers_complete
-        elif len(name) == 6 and name.lower() == b"expect":
-            if value.lower() != b"100-continue":
-                raise BadRequest(417, "unsupported expectation")
-            request.expect_continue = True
-        elif len(name) == 17 and name.lower() == b"transfer-encoding":
-            if value.strip().lower() != b"chunked" or request.chunked:
-                raise BadRequest(400, "unsupported transfer coding")
-            request.chunked = True
-        elif len(name) == 14 and name.lower() == b"content-length":
-            request.content_length = int(value)
-        elif len(name) == 4 and name.lower() == b"host":
-            if request.host_seen:
-                raise BadRequest(400, "duplicate Host header")   # nginx: 400
-            request.host_seen = True
+        request.headers.append((name, value))
+        handler = SPECIAL_REQUEST_HEADERS.get(len(name))
+        if handler is not None:
+            handler(request, name.lower(), value)
 
     def on_headers_complete(self):
         request = self.current

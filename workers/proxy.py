@@ -15,6 +15,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from workers.headers import HOP_BY_HOP, connection_tokens
 from workers.responses import local_response, reason_phrase
+from workers.netio import send_all
 from workers.upstream import ConnectFailed
 
 log = logging.getLogger("mplb.proxy")
@@ -168,8 +169,7 @@ class UpstreamExchange:
         for _ in range(2):
             sock, reused = worker.pool.acquire(server, self.settings.proxy_connect_timeout)
             try:
-                sock.settimeout(self.settings.proxy_send_timeout)
-                sock.sendall(head)
+                send_all(sock, head, self.settings.proxy_send_timeout)
             except OSError as exc:
                 sock.close()
                 if reused:
@@ -194,8 +194,7 @@ class UpstreamExchange:
             data = b"".join(chunks)
         chunks.clear()
         try:
-            self.sock.settimeout(self.settings.proxy_send_timeout)
-            self.sock.sendall(data)
+            send_all(self.sock, data, self.settings.proxy_send_timeout)
         except socket.timeout:
             self._fail_midway(504, "upstream timed out while sending request")
         except OSError as exc:
@@ -290,20 +289,7 @@ class UpstreamExchange:
         buffer = worker.take_buffer()
         try:
             view = memoryview(buffer)
-            if self.reused:
-                try:
-                    response, received, _ = self._read_head(request, buffer, view)
-                except UpstreamFailed as exc:
-                    if not exc.retryable or exc.status == 504 or self.body_sent:
-                        raise
-                    # A stale pooled connection: once more on a fresh connection.
-                    self.sock.close()
-                    self.sock = None
-                    self.reused = False
-                    self._reconnect_same()
-                    response, received, _ = self._read_head(request, buffer, view)
-            else:
-                response, received, _ = self._read_head(request, buffer, view)
+            response, received, _ = self._read_head_fresh(request, buffer, view)
             status = response.status
             if status == 101:
                 # Only finish_upgrade may relay a 101; here it would desynchronise the
@@ -317,6 +303,22 @@ class UpstreamExchange:
             return self._relay_body(request, response, received, buffer, view, force_close)
         finally:
             worker.give_buffer(buffer)
+
+    def _read_head_fresh(self, request, buffer, view):
+        """``_read_head``, once more on a new connection if a pooled one was stale."""
+        if not self.reused:
+            return self._read_head(request, buffer, view)
+        try:
+            return self._read_head(request, buffer, view)
+        except UpstreamFailed as exc:
+            if not exc.retryable or exc.status == 504 or self.body_sent:
+                raise
+            # The backend closed the idle connection before it saw our request.
+            self.sock.close()
+            self.sock = None
+            self.reused = False
+            self._reconnect_same()
+            return self._read_head(request, buffer, view)
 
     def _reconnect_same(self):
         pick = self.pick
@@ -423,8 +425,7 @@ class UpstreamExchange:
     def _send_client(self, data):
         client = self.conn.sock
         try:
-            client.settimeout(self.settings.client_body_timeout)
-            client.sendall(data)
+            send_all(client, data, self.settings.client_body_timeout)
         except OSError:
             self._release(failed=False, reusable=False)
             raise ClientGone()
@@ -473,7 +474,7 @@ class UpstreamExchange:
         buffer = worker.take_buffer()
         try:
             try:
-                response, received, backend_pending = self._read_head(
+                response, received, backend_pending = self._read_head_fresh(
                     request, buffer, memoryview(buffer))
             except UpstreamFailed as exc:
                 self._release(failed=True, reusable=False)

@@ -29,7 +29,7 @@ class Request:
         "method", "url", "version", "headers", "keep_alive", "upgrade",
         "body_chunks", "body_bytes", "headers_done", "complete", "content_length",
         "chunked", "expect_continue", "conn", "_by_name", "_path", "_args", "_uri",
-        "_host", "is_upgrade", "head_size", "connection_named", "host_seen",
+        "_host", "is_upgrade", "head_size", "connection_named", "host_value", "host_seen",
     )
 
     def __init__(self, conn):
@@ -51,6 +51,7 @@ class Request:
         self.head_size = 0
         self.host_seen = False
         self.connection_named = None   # extra hop-by-hop names from Connection
+        self.host_value = None         # the Host header as received
         self._by_name = None
         self._path = None
         self._args = None
@@ -121,11 +122,8 @@ class Request:
             raw = self.url
             if raw.startswith((b"http://", b"https://")):
                 host = raw.split(b"://", 1)[1].split(b"/", 1)[0].decode("latin-1")
-            else:
-                for name, value in self.headers:
-                    if len(name) == 4 and name.lower() == b"host":
-                        host = value.decode("latin-1")
-                        break
+            elif self.host_value is not None:
+                host = self.host_value.decode("latin-1")
             host = host.strip().lower()
             if host.startswith("["):
                 host = host[:host.find("]") + 1]

@@ -1,17 +1,20 @@
 """Per-worker keep-alive pools of upstream connections.
 
 Under steady load a request takes an idle connection and gives it back, so no
-connect happens per request.  An idle connection the backend closed is noticed by a
-non-blocking peek before reuse; a reused connection that fails before the first
-response byte is retried once on a fresh one by the caller.
+connect happens per request.  A connection idle for more than a second gets a
+non-blocking peek before reuse (backends close idle keep-alive connections after
+seconds, not milliseconds, so a busy pool skips that syscall); a reused connection
+that fails before the first response byte is retried once on a fresh one by the caller.
 """
 from __future__ import annotations
 
 import socket
+import time
 
 from gevent import socket as gsocket
 
 _PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
+PEEK_AFTER_IDLE = 1.0
 
 
 class ConnectFailed(Exception):
@@ -43,8 +46,8 @@ class UpstreamPool:
         """Return ``(sock, reused)``; raise ConnectFailed when a new connect fails."""
         idle = self._idle.get(server.url)
         while idle:
-            sock = idle.pop()
-            if _is_reusable(sock):
+            sock, since = idle.pop()
+            if time.monotonic() - since < PEEK_AFTER_IDLE or _is_reusable(sock):
                 return sock, True
             sock.close()
         return connect(server, connect_timeout), False
@@ -53,13 +56,13 @@ class UpstreamPool:
         """Keep a connection whose last response ended cleanly, up to ``limit`` idle."""
         idle = self._idle.setdefault(server.url, [])
         if len(idle) < limit:
-            idle.append(sock)
+            idle.append((sock, time.monotonic()))
         else:
             sock.close()
 
     def close_all(self):
         for idle in self._idle.values():
-            for sock in idle:
+            for sock, _ in idle:
                 sock.close()
         self._idle.clear()
 

@@ -355,6 +355,10 @@ class Worker:
         self.exit(0)
 
     def exit(self, code):
+        if _PROFILE["profiler"] is not None:
+            _PROFILE["profiler"].disable()
+            _PROFILE["profiler"].dump_stats(
+                os.path.join(_PROFILE["dir"], f"worker-{os.getpid()}.prof"))
         self.access_log.flush()
         logging.shutdown()
         os._exit(code)
@@ -390,6 +394,9 @@ class Worker:
         self.access_log.reopen()
 
 
+_PROFILE = {"profiler": None, "dir": None}
+
+
 def _alive(pid) -> bool:
     try:
         os.kill(pid, 0)
@@ -421,6 +428,11 @@ def run_worker(ctx):
             os._exit(EXIT_BOOT_FAILURE)
         if ctx.shared is not None:
             ctx.shared.worker_started(ctx.slot, os.getpid(), ctx.generation)
+        if os.environ.get("MPLB_PROFILE_DIR"):      # scripts/profile: cProfile per worker
+            import cProfile
+            _PROFILE["dir"] = os.environ["MPLB_PROFILE_DIR"]
+            _PROFILE["profiler"] = cProfile.Profile(time.process_time)
+            _PROFILE["profiler"].enable()
         worker.run()
     except SystemExit as exc:
         code = exc.code or 0

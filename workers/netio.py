@@ -1,0 +1,26 @@
+"""Socket writes for the hot path.
+
+gevent's ``sendall`` costs a ``getsockopt`` and a timer set-up per call even when the
+kernel takes every byte at once, which is what nearly always happens for heads and
+small bodies.  ``send_all`` tries one plain non-blocking ``send`` on the underlying
+socket first and falls back to gevent's cooperative ``sendall`` for the rest.
+"""
+from __future__ import annotations
+
+from gevent import socket as gsocket
+
+_PLAIN = gsocket.socket
+
+
+def send_all(sock, data, timeout) -> None:
+    """Write all of ``data`` to a gevent socket, waiting at most ``timeout`` per stall."""
+    if type(sock) is _PLAIN:          # TLS sockets must go through their SSL object
+        try:
+            sent = sock._sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        if sent == len(data):
+            return
+        data = memoryview(data)[sent:]
+    sock.settimeout(timeout)
+    sock.sendall(data)
