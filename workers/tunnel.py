@@ -231,6 +231,10 @@ class Tunnel:
                 self._forward(flow, memoryview(data), time.monotonic())
         if not self.closed:
             self._update()
+        for end, flow in ((self.client, self.up), (self.backend, self.down)):
+            if end.has_buffered() and not self.closed:
+                # TLS bytes already decrypted: no fd event will announce them.
+                gevent.get_hub().loop.run_callback(self._handle, end, None, flow, READ)
 
     def close(self, reason: str, code: int | None = None, backend_failed: bool = False,
               best_effort: bool = False) -> None:
