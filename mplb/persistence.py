@@ -86,8 +86,7 @@ class _Wrapper:
         if now is None and self.uses_clock:
             now = b.clock()
         known = self.lookup(request, now)
-        if known is not None and known >= 0 and b.eligible(known, tried, now) and \
-                not (b.servers[known].backup and b.primary_available(tried, now)):
+        if known is not None and known >= 0 and self.usable(known, tried, now):
             pick = Pick(known, b.servers[known], b.sids[known], "hit")
             pick.cookie_valid = True
             return pick
@@ -99,10 +98,16 @@ class _Wrapper:
         if existing is not None and existing != pick.sid:
             # Another worker recorded this new client a moment ago: follow that record.
             other = b.index_of_sid.get(existing)
-            if other is not None and b.eligible(other, tried, now):
+            if other is not None and self.usable(other, tried, now):
                 pick = Pick(other, b.servers[other], existing, "hit")
                 pick.cookie_valid = True
         return pick
+
+    def usable(self, index, tried, now) -> bool:
+        """A known server may serve: eligible, and not a backup while a primary is."""
+        b = self.b
+        return b.eligible(index, tried, now) and \
+            not (b.servers[index].backup and b.primary_available(tried, now))
 
     def response_headers(self, pick, request, response_headers) -> list:
         return []

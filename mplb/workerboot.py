@@ -10,16 +10,28 @@ import signal
 import socket
 
 
+MASTER_SIGNALS = {signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1,
+                  signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD}
+
+
 def fork_worker(master, slot, number):
     """Fork a worker for ``slot``; return ``(pid, master end of the control socket)``."""
     parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     parent_end.setblocking(False)
+    # Signals stay blocked across the fork: a QUIT sent to a newborn worker must wait
+    # for the worker's own handlers, not run the master's in the child.
+    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)
     pid = os.fork()
     if pid:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
         child_end.close()
         return pid, parent_end
     # -- child ------------------------------------------------------------------
     try:
+        for signum in MASTER_SIGNALS:                # still blocked; unblocked by the worker
+            signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)   # the master decides on Ctrl-C
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         parent_end.close()
         signal.set_wakeup_fd(-1)
         for worker in master.workers.values():

@@ -604,3 +604,24 @@ class RawWebSocket:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# Headless Chromium from Debian's package, driven by Playwright (never a downloaded
+# browser); the flags keep it off the network this machine does not have.
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
+
+
+def launch_chromium(playwright):
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
+                                      headless=True)
+
+
+def browser_marks(timeout=180):
+    """pytest marks for a browser test module: a time bound, skip without Chromium."""
+    import pytest
+    return [pytest.mark.timeout(timeout),
+            pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                               reason=f"{CHROMIUM} is not installed")]

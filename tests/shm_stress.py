@@ -1,10 +1,10 @@
 """Several processes hammering shared tables so that writers collide on purpose.
 
-Used by tests/test_shm.py.  ``python -m tests.shm_stress --no-locks`` (or ``--no-seqlock``)
-runs the same hammer with the table's protection switched off and prints the violations
-it finds: the proof that the test can fail.
+Used by tests/test_shm.py.  ``python -m tests.shm_stress --interleave --no-locks`` (or
+``--no-seqlock``) runs the same hammer with the table's protection switched off and prints
+the violations it finds: the proof that the test can fail.
 
-Two phases, each returning a list of violations (empty = pass):
+Three phases, each returning a list of violations (empty = pass):
 
 - ``race_inserts``: a table of many groups; in round r every process inserts its own 4 keys
   into group r at the same moment (a shared-memory barrier starts each round), so the 16
@@ -16,6 +16,8 @@ Two phases, each returning a list of violations (empty = pass):
   a tag derived from its key: a get that returns a value tagged for another key is a torn
   or misattributed entry.  At the end no key may appear twice in a group, no entry may be
   left mid-write (odd seq) and every stored value must match its key.
+- ``torn_reads``: one writer evicting constantly in one group, three readers: the seqlock's
+  test (a reader without it returns a value written for another key).
 """
 from __future__ import annotations
 
@@ -193,6 +195,43 @@ def churn(table, ops: int, keys_per_group=24, groups=2) -> list:
     return violations
 
 
+def torn_reads(table, reads: int) -> list:
+    """Phase 3: one writer cycles 17 keys through one 16-entry group, so every put evicts
+    the entry of the key written 16 puts earlier; 3 readers look keys up meanwhile.  A
+    reader that is not protected by the seqlock returns an evicted key's slot holding
+    the new key's value."""
+    keys = keys_in_groups(table, 1, GROUP + 1)[0]
+    barrier = Barrier(PROCESSES)
+    done = mmap.mmap(-1, 8 * PROCESSES)                # one flag word per reader
+
+    def body(worker):
+        barrier.wait(worker, 1)
+        rng = random.Random(worker)
+        found = []
+        if worker == 0:
+            t = 10.0
+            i = 0
+            deadline = time.monotonic() + 60
+            while sum(struct.unpack_from(f"<{PROCESSES}q", done)) < PROCESSES - 1 and \
+                    time.monotonic() < deadline:
+                key = keys[i % len(keys)]
+                t += 0.001
+                table.put(key, tagged(table, key, i), t)
+                i += 1
+            return found
+        for _ in range(reads):
+            key = rng.choice(keys)
+            value = table.get(key, 20.0)
+            if not tag_ok(table, key, value):
+                found.append(f"reader {worker}: get({key!r}) returned another key's value")
+        struct.pack_into("<q", done, 8 * worker, 1)
+        return found
+
+    violations = run_children(body)
+    violations += check_structure(table, {table.digest(k): k for k in keys})
+    return violations
+
+
 def group_keys(table, g: int) -> list:
     q = table.q
     base = table.start + g * GROUP * ENTRY_WORDS
@@ -257,7 +296,10 @@ def main(argv) -> int:
         table = shared.table("churn", 2 * GROUP, 1e6)
         more = churn(interleaved(table, 3) if slow else table, 1500 if slow else 20000)
         print(f"churn: {len(more)} violations", *more[:5], sep="\n  ")
-        return 1 if found or more else 0
+        table = shared.table("torn", GROUP, 1e6)
+        torn = torn_reads(interleaved(table, 3) if slow else table, 1000 if slow else 20000)
+        print(f"torn_reads: {len(torn)} violations", *torn[:5], sep="\n  ")
+        return 1 if found or more or torn else 0
     finally:
         shared.close()
         shared.unlink()

@@ -10,24 +10,15 @@ Skipped when /usr/bin/chromium, Playwright or mplb is missing.
 """
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 
 import pytest
 
+from tests.harness import browser_marks, launch_chromium
 from tests.test_examples import (ETC, Procs, free_ports, local_conf, need_mplb,
                                  start_backends, start_mplb)
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync"]
-
-pytestmark = [
-    pytest.mark.timeout(180),
-    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is not installed"),
-]
+pytestmark = browser_marks()
 
 COOKIE_CONF = """
 upstream backend {
@@ -53,7 +44,7 @@ server {
 def browser():
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        b = launch_chromium(p)
         try:
             yield b
         finally:

@@ -7,22 +7,13 @@ from anywhere else.  Skipped when /usr/bin/chromium is absent.
 """
 from __future__ import annotations
 
-import os
 from urllib.parse import urlsplit
 
 import pytest
 
-from tests.harness import Backend, Mplb, free_port, get
+from tests.harness import browser_marks, launch_chromium, Backend, Mplb, free_port, get
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync"]
-
-pytestmark = [
-    pytest.mark.timeout(180),
-    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is not installed"),
-]
+pytestmark = browser_marks()
 
 CONF = """
 upstream web {{
@@ -61,7 +52,7 @@ def lb():
 def page():
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        browser = launch_chromium(p)
         try:
             yield browser.new_page()
         finally:

@@ -3,7 +3,6 @@ import json
 import os
 import signal
 import threading
-import time
 
 import pytest
 import websocket
@@ -236,7 +235,9 @@ def test_ttin_ttou_change_worker_count(backends, tmp_path):
     try:
         os.kill(mplb.pid, signal.SIGTTIN)
         wait_for(lambda: len(mplb.worker_pids()) == 3, message="three workers")
+        # Standard signals do not queue: wait for each TTOU to take effect.
         os.kill(mplb.pid, signal.SIGTTOU)
+        wait_for(lambda: len(mplb.worker_pids()) == 2, message="two workers")
         os.kill(mplb.pid, signal.SIGTTOU)
         wait_for(lambda: len(mplb.worker_pids()) == 1, message="one worker")
         assert backend_of(port) == "r0"

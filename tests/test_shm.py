@@ -170,17 +170,20 @@ def test_tables_hammered_by_four_processes(tmp_path):
 
     The interleaved runs make another process run in the middle of table updates; with
     the stripe locks switched off (``python -m tests.shm_stress --interleave --no-locks``)
-    hundreds of keys are lost or duplicated, so this test fails without the locks.
+    hundreds of keys are lost or duplicated, and without the seqlock (``--no-seqlock``)
+    readers return values written for other keys: this test fails without either.
     """
-    from tests.shm_stress import churn, interleaved, race_inserts
+    from tests.shm_stress import churn, interleaved, race_inserts, torn_reads
     shared = SharedState.create(str(tmp_path / "mplb.stress"), max_workers=4, max_servers=8,
-                                table_entries=24 * GROUP + 4 * GROUP)
+                                table_entries=24 * GROUP + 5 * GROUP)
     try:
         race = shared.table("race", 24 * GROUP, 1e6)
         assert race_inserts(interleaved(race), 24) == []
         assert churn(interleaved(shared.table("churn", 2 * GROUP, 1e6), read_every=3),
                      1000) == []
         assert churn(shared.table("fast", 2 * GROUP, 1e6), 20000) == []   # full speed
+        assert torn_reads(interleaved(shared.table("torn", GROUP, 1e6), read_every=3),
+                          2000) == []
     finally:
         shared.close()
         shared.unlink()

@@ -209,7 +209,6 @@ class UpstreamExchange:
     # -- response ----------------------------------------------------------------
     def finish(self, request, force_close=False) -> bool:
         """Relay the response; return whether the client connection stays open."""
-        conn = self.conn
         if self.failure is None and request.chunked and self.sock is not None:
             try:
                 self.sock.sendall(b"0\r\n\r\n")
@@ -285,7 +284,6 @@ class UpstreamExchange:
 
     def _relay(self, request, force_close) -> bool:
         worker = self.worker
-        conn = self.conn
         buffer = worker.take_buffer()
         try:
             view = memoryview(buffer)
@@ -374,7 +372,6 @@ class UpstreamExchange:
     def _copy_counted(self, request, response, remaining, buffer, view, keep_client, sent):
         """A Content-Length body: copy exactly ``remaining`` bytes, no parsing."""
         sock = self.sock
-        client = self.conn.sock
         size = len(buffer)
         while remaining > 0:
             try:

@@ -309,6 +309,7 @@ class Worker:
                 pass
             except OSError:
                 self.fast_stop()
+            self.access_log.flush()         # a quiet worker still writes its lines out
             gevent.sleep(HEARTBEAT_INTERVAL)
 
     def graceful_stop(self):
@@ -374,6 +375,9 @@ class Worker:
         gevent.signal_handler(signal.SIGQUIT, self.graceful_stop)
         gevent.signal_handler(signal.SIGTERM, self.fast_stop)
         gevent.signal_handler(signal.SIGUSR1, self.reopen_logs)
+        # fork_worker left signals blocked until these handlers exist; any QUIT or TERM
+        # sent meanwhile is delivered now, to them.
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
         self.start_handover_server()
         try:
             os.write(self.ctx.control_fd, b"r")      # ready: the master may retire the old
@@ -409,11 +413,6 @@ def run_worker(ctx):
     """Entry point in the forked child; never returns."""
     code = 0
     try:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)     # the master decides on Ctrl-C
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        for sig in (signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1, signal.SIGCHLD):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_SETMASK, [])
         try:
             from setproctitle import setproctitle
             setproctitle(f"mplb: worker process #{ctx.number}")
