@@ -115,7 +115,10 @@ class Balancer:
         self._hlast = tuple(h + H_LAST_FAIL for h in health)
         self._down = tuple(s.down for s in servers)
         self._max_conns = tuple(s.max_conns for s in servers)
-        self._max_fails = tuple(s.max_fails for s in servers)
+        # nginx: the only server of a group is never considered unavailable by
+        # passive checks (max_fails and fail_timeout are ignored for it).
+        single = len(servers) == 1
+        self._max_fails = tuple(0 if single else s.max_fails for s in servers)
         self._timeout_us = tuple(int(s.fail_timeout * 1_000_000) for s in servers)
 
         def pool(indexes):                         # configured-down servers never qualify
@@ -157,13 +160,11 @@ class Balancer:
         q = self.q
         q[self._act[i]] -= 1
         if failed:
-            server = pick.server
             self.state.record_failure(self.worker_slot, pick.sid, self.clock(),
-                                      server.max_fails, server.fail_timeout)
+                                      self._max_fails[i], pick.server.fail_timeout)
         elif q[self._hfails[i]]:                   # lock-free common case: no failures
-            server = pick.server
-            self.state.record_success(pick.sid, self.clock(), server.max_fails,
-                                      server.fail_timeout)
+            self.state.record_success(pick.sid, self.clock(), self._max_fails[i],
+                                      pick.server.fail_timeout)
 
     def adopt(self, index: int) -> Pick:
         """Count a connection this worker took over (tunnel handover) as its own."""

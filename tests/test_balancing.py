@@ -212,3 +212,22 @@ def test_word_sum_matches_slices():
     words = list(range(1000))
     for count in (0, 1, 4, 32, 33, 60):
         assert word_sum(7, 8, count)(words) == sum(words[7:7 + 8 * count:8])
+
+
+def test_single_server_is_never_failed_by_passive_checks():
+    """nginx rule: max_fails/fail_timeout are ignored when a group has one server."""
+    from mplb.config.model import Upstream, UpstreamServer
+    from mplb.balancing import init_upstream
+    server = UpstreamServer(url="http://127.0.0.1:9", host="127.0.0.1", port=9,
+                            address="127.0.0.1", max_fails=1, fail_timeout=60.0)
+    balancer = init_upstream(Upstream(name="one", servers=(server,)), None, 0)
+    for _ in range(3):
+        pick = balancer.get(None)
+        assert pick is not None
+        balancer.free(pick, True)
+    pair = Upstream(name="two", servers=(server, UpstreamServer(
+        url="http://127.0.0.1:10", host="127.0.0.1", port=10, address="127.0.0.1")))
+    balancer = init_upstream(pair, None, 0)
+    first = balancer.get(None)
+    balancer.free(first, True)
+    assert all(balancer.get(None).index != first.index for _ in range(3))
