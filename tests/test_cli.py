@@ -184,6 +184,28 @@ def test_killed_worker_is_replaced(backend):
         lb.stop()
 
 
+def test_silent_worker_is_killed_and_replaced(backend):
+    """A worker whose event loop stops (SIGSTOP) stops heartbeating: the master kills it."""
+    from mplb.master import HEARTBEAT_TIMEOUT
+    port = free_port()
+    lb = start(port, backend, workers=2)
+    try:
+        before = set(lb.worker_pids())
+        victim = sorted(before)[0]
+        os.kill(victim, signal.SIGSTOP)
+        wait_for(lambda: victim not in lb.worker_pids() and len(lb.worker_pids()) == 2,
+                 timeout=HEARTBEAT_TIMEOUT + 15, message="silent worker replaced")
+        assert "stopped sending heartbeats" in lb.output()
+        for _ in range(4):
+            assert get(port, "/x")[0] == 200
+    finally:
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        lb.stop()
+
+
 def test_term_stops_everything_quickly(backend):
     port = free_port()
     lb = start(port, backend, workers=2)
