@@ -263,6 +263,13 @@ class SharedState:
         self.q[self._cell(worker_slot, self.server_id(url)) + REQUESTS] += 1
         self.q[self.off_workers + worker_slot * WORKER_WORDS + W_REQUESTS] += 1
 
+    def exchange_words(self, worker_slot: int, url: str) -> tuple:
+        """Word indexes a worker bumps per request to ``url``: requests, bytes in, bytes
+        out, and its own request count (computed once, so the hot path only adds)."""
+        cell = self._cell(worker_slot, self.server_id(url))
+        return (cell + REQUESTS, cell + BYTES_IN, cell + BYTES_OUT,
+                self.off_workers + worker_slot * WORKER_WORDS + W_REQUESTS)
+
     def add_bytes(self, worker_slot: int, url: str, n_in: int, n_out: int) -> None:
         """Bytes received from (in) and sent to (out) the backend ``url``."""
         cell = self._cell(worker_slot, self.server_id(url))

@@ -4,6 +4,7 @@ import textwrap
 import pytest
 
 from mplb.config import load
+from mplb.config.model import UpstreamServer
 from workers.headers import HeadPlan, connection_tokens
 from workers.http import SPECIAL_REQUEST_HEADERS
 from workers.request import Request
@@ -50,8 +51,12 @@ def make_request(headers, method="GET", url=b"/a/b?x=1", upgrade=False):
     return request
 
 
+UPSTREAM_SERVER = UpstreamServer(url="http://127.0.0.1:9", host="127.0.0.1", port=9,
+                                 address="127.0.0.1")
+
+
 def render(plan, request, framing=b""):
-    head = plan.render(request, b"127.0.0.1:9", framing)
+    head = plan.render(request, UPSTREAM_SERVER, framing)
     assert head.endswith(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")[:-2]
     pairs = []

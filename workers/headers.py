@@ -84,7 +84,7 @@ class HeadPlan:
         self.static_block = b"".join(self.static)
         self.keepalive = not (self.http10 or self.connection_close)
 
-    def render(self, request, upstream_host: bytes, body_framing: bytes) -> bytes:
+    def render(self, request, server, body_framing: bytes) -> bytes:
         """The complete upstream request head, ready for one send."""
         version = b"HTTP/1.0" if self.http10 else b"HTTP/1.1"
         out = [request.method.encode("latin-1"), b" ", request.url, b" ", version, b"\r\n"]
@@ -92,7 +92,8 @@ class HeadPlan:
             out += [b"Host: ", _render_parts(self.host_parts, request), b"\r\n"]
         else:
             host = request.host_value
-            out += [b"Host: ", host if host is not None else upstream_host, b"\r\n"]
+            out += [b"Host: ", host if host is not None else server.hostport.encode(),
+                    b"\r\n"]
         skip = self.skip
         if request.connection_named:
             # Headers that the client's Connection header names are hop-by-hop too.

@@ -71,11 +71,33 @@ def _host_header(request, lname, value):
     request.host_value = value
 
 
+def _forwarded_for_header(request, lname, value):
+    if lname == b"x-forwarded-for":
+        previous = request.forwarded_for
+        request.forwarded_for = value if previous is None else previous + b", " + value
+
+
 # Headers that change how mplb handles a request, keyed by name length so that the
 # common header costs one dict miss.
 SPECIAL_REQUEST_HEADERS = {10: _connection_header, 6: _expect_header,
                            17: _transfer_encoding_header, 14: _content_length_header,
-                           4: _host_header}
+                           4: _host_header, 15: _forwarded_for_header}
+
+
+FIRST_REQUEST_GRACE = 1.0
+
+
+def _has_pending_data(sock) -> bool:
+    """Bytes (or EOF) wait in the kernel buffer; asks the raw socket, never blocks."""
+    pending = getattr(sock, "pending", None)       # TLS: already decrypted bytes
+    if pending is not None and pending():
+        return True
+    try:
+        return bool(sock._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except BlockingIOError:
+        return False
+    except (OSError, ValueError):
+        return False
 
 
 class CloseConnection(Exception):
@@ -119,11 +141,19 @@ class ClientConnection:
     def default_host(self):
         return self.server_ip
 
-    @property
-    def idle(self) -> bool:
-        """Between requests: safe to close on graceful shutdown."""
+    def closable_on_shutdown(self, stopping_for: float) -> bool:
+        """Safe to close on graceful shutdown: between requests, with nothing received.
+
+        A request already in the socket buffer is served (closing would answer it with a
+        reset), and a connection accepted just before the stop gets a second to send its
+        first request.
+        """
         current = self.current
-        return not self.queue and (current is None or current.complete) and not self.handed_off
+        if self.queue or (current is not None and not current.complete) or self.handed_off:
+            return False
+        if not self.served and stopping_for < FIRST_REQUEST_GRACE:
+            return False
+        return not _has_pending_data(self.sock)
 
     # -- httptools callbacks ----------------------------------------------
     def on_message_begin(self):

@@ -44,27 +44,31 @@ class UpstreamFailed(Exception):
 class ResponseHead:
     """httptools callbacks for one upstream response; they only collect."""
 
-    __slots__ = ("parser", "status", "status_text", "headers", "headers_done", "complete",
-                 "body", "head_size", "keep_alive", "content_length", "chunked",
-                 "connection_named", "upgrade")
+    # Immutable defaults on the class: creating one costs three stores.
+    status = 0
+    status_text = b""
+    headers_done = False
+    complete = False
+    head_size = 0
+    keep_alive = False
+    content_length = None        # raw bytes of the Content-Length value
+    chunked = False
+    connection_named = None      # extra hop-by-hop names from Connection
+    upgrade = None
 
     def __init__(self):
         self.parser = HttpResponseParser(self)
-        self.on_message_begin()
-
-    def on_message_begin(self):
-        self.status = 0
-        self.status_text = b""
         self.headers = []
-        self.headers_done = False
-        self.complete = False
         self.body = []
-        self.head_size = 0
-        self.keep_alive = False
-        self.content_length = None     # raw bytes of the Content-Length value
-        self.chunked = False
-        self.connection_named = None   # extra hop-by-hop names from Connection
-        self.upgrade = None
+
+    def reset(self):
+        """Forget an interim (1xx) response; the final one follows on the same parser."""
+        for name in ("status", "status_text", "headers_done", "complete", "head_size",
+                     "keep_alive", "content_length", "chunked", "connection_named",
+                     "upgrade"):
+            self.__dict__.pop(name, None)
+        self.headers = []
+        self.body = []
 
     def on_status(self, text):
         self.status_text += text
@@ -103,6 +107,15 @@ class ResponseHead:
 class UpstreamExchange:
     """A request on its way to an upstream server and its response on the way back."""
 
+    pick = None
+    sock = None
+    reused = False
+    failure = None               # UpstreamFailed before anything reached the client
+    body_sent = 0
+    bytes_in = 0
+    bytes_out = 0
+    last_server = None
+
     def __init__(self, conn, request, location, worker):
         self.conn = conn
         self.worker = worker
@@ -111,16 +124,8 @@ class UpstreamExchange:
         self.plan = worker.head_plan(location)
         self.upstream = worker.config.upstreams[location.upstream]
         self.balancer = worker.balancers[location.upstream]
-        self.pick = None
-        self.sock = None
-        self.reused = False
         self.tried = set()
-        self.failure = None          # UpstreamFailed before anything reached the client
-        self.body_sent = 0
-        self.bytes_in = 0
-        self.bytes_out = 0
         self.request = request
-        self.last_server = None
         if request.chunked and self.plan.http10:
             self.failure = UpstreamFailed(411, "chunked body to an HTTP/1.0 upstream")
             return
@@ -165,7 +170,7 @@ class UpstreamExchange:
         """Connect to the picked server and send the head (once more on a stale reuse)."""
         worker = self.worker
         server = pick.server
-        head = self.plan.render(self.request, server.hostport.encode(), self.framing)
+        head = self.plan.render(self.request, server, self.framing)
         for _ in range(2):
             sock, reused = worker.pool.acquire(server, self.settings.proxy_connect_timeout)
             try:
@@ -276,7 +281,7 @@ class UpstreamExchange:
                 if 100 <= response.status < 200:
                     if response.status == 101:
                         raise UpstreamFailed(502, "upstream sent 101 without an upgrade")
-                    response.on_message_begin()
+                    response.reset()
                     continue
                 return response, received, None
             if received > MAX_RESPONSE_HEAD + len(buffer):

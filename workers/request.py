@@ -25,38 +25,35 @@ class BadRequest(Exception):
 class Request:
     """Parsed request head plus body progress; built by the parser callbacks."""
 
-    __slots__ = (
-        "method", "url", "version", "headers", "keep_alive", "upgrade",
-        "body_chunks", "body_bytes", "headers_done", "complete", "content_length",
-        "chunked", "expect_continue", "conn", "_by_name", "_path", "_args", "_uri",
-        "_host", "is_upgrade", "head_size", "connection_named", "host_value", "host_seen",
-    )
+    # Immutable defaults live on the class: a request costs three stores to create,
+    # and the parser callbacks set only what a request actually has.
+    method = ""
+    url = b""
+    version = "1.1"
+    keep_alive = True
+    upgrade = False              # llhttp saw Connection: upgrade + Upgrade
+    is_upgrade = False           # mplb's rule: GET, 1.1, upgrade token, Upgrade header
+    body_bytes = 0
+    headers_done = False
+    complete = False
+    content_length = None
+    chunked = False
+    expect_continue = False
+    head_size = 0
+    host_seen = False
+    connection_named = None      # extra hop-by-hop names from Connection
+    host_value = None            # the Host header as received
+    forwarded_for = None         # X-Forwarded-For as received (joined if repeated)
+    _by_name = None
+    _path = None
+    _args = None
+    _uri = None
+    _host = None
 
     def __init__(self, conn):
         self.conn = conn               # the ClientConnection (addresses, scheme)
-        self.method = ""
-        self.url = b""
-        self.version = "1.1"
         self.headers = []              # [(name bytes, value bytes)] as received
-        self.keep_alive = True
-        self.upgrade = False           # llhttp saw Connection: upgrade + Upgrade
-        self.is_upgrade = False        # mplb's rule: GET, 1.1, upgrade token, Upgrade header
         self.body_chunks = []
-        self.body_bytes = 0
-        self.headers_done = False
-        self.complete = False
-        self.content_length = None
-        self.chunked = False
-        self.expect_continue = False
-        self.head_size = 0
-        self.host_seen = False
-        self.connection_named = None   # extra hop-by-hop names from Connection
-        self.host_value = None         # the Host header as received
-        self._by_name = None
-        self._path = None
-        self._args = None
-        self._uri = None
-        self._host = None
 
     # -- headers ---------------------------------------------------------
     def header_map(self):
@@ -144,9 +141,9 @@ class Request:
 
 
 def _forwarded_for(request):
-    previous = request.header("x-forwarded-for")
+    previous = request.forwarded_for
     ip = request.conn.client_ip
-    return f"{previous}, {ip}" if previous else ip
+    return f"{previous.decode('latin-1')}, {ip}" if previous else ip
 
 
 def _host_variable(request):

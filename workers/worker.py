@@ -6,6 +6,7 @@ configuration file: it serves the frozen Config it was forked with.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -64,6 +65,7 @@ class Worker:
         self.capacity = Semaphore(config.worker_connections)
         self._buffers = []
         self._plans = {}
+        self._counter_words = {}      # server url -> shm word indexes (count_exchange)
         self._defaults = {}
         self.access_log = AccessLog(config.access_log)
         self.balancers = self._init_balancers()
@@ -116,9 +118,18 @@ class Worker:
     def count_exchange(self, server, sent_upstream, received_upstream):
         """Request and byte counters; failures are counted by the balancer's free()."""
         shared = self.shared
-        if shared is not None:
-            shared.count_request(self.slot, server.url)
-            shared.add_bytes(self.slot, server.url, received_upstream, sent_upstream)
+        if shared is None:
+            return
+        words = self._counter_words.get(server.url)
+        if words is None:
+            words = self._counter_words[server.url] = shared.exchange_words(self.slot,
+                                                                            server.url)
+        requests, bytes_in, bytes_out, worker_requests = words
+        q = shared.q
+        q[requests] += 1
+        q[bytes_in] += received_upstream
+        q[bytes_out] += sent_upstream
+        q[worker_requests] += 1
 
     def log_access(self, conn, request, status, sent, exchange, response):
         if self.access_log.enabled:
@@ -326,8 +337,9 @@ class Worker:
         deadline = self.config.worker_shutdown_timeout
         started = time.monotonic()
         while True:
+            stopping_for = time.monotonic() - started
             for conn in list(self.connections):
-                if conn.idle:
+                if conn.closable_on_shutdown(stopping_for):
                     conn.sock.close()
             movable = tunnel.movable_tunnels()
             if movable:
@@ -419,6 +431,10 @@ def run_worker(ctx):
         except ImportError:
             pass
         gevent.reinit()
+        # What exists now (config, modules) lives as long as the worker: keep it out of
+        # every collection, and collect the young generation less often.
+        gc.freeze()
+        gc.set_threshold(7000, 20, 20)
         try:
             worker = Worker(ctx)
         except Exception as exc:   # noqa: BLE001 - reported to the master by exit code

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Mapping, Optional
 
 
@@ -54,7 +55,7 @@ class UpstreamServer:
     backup: bool = False
     down: bool = False
 
-    @property
+    @cached_property
     def hostport(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
