@@ -204,3 +204,15 @@ def test_upstream_connection_header(tmp_path, directive, expected_version, close
 def test_connection_tokens():
     assert connection_tokens(b" Keep-Alive , X-A,,UPGRADE ") == {b"keep-alive", b"x-a",
                                                                    b"upgrade"}
+
+
+def test_decoded_uri_cannot_inject_header_lines(tmp_path):
+    """$uri is percent-decoded: %0d%0a in it must not split the upstream header."""
+    plan = make_plan(tmp_path, "proxy_set_header X-Uri $uri;")
+    request = make_request([("Host", "a")], url=b"/x%0d%0aInjected:%20yes")
+    _, pairs = render(plan, request)
+    assert values(pairs, "x-uri") == ["/xInjected: yes"]
+    assert values(pairs, "injected") == []
+    assert b"\r\nInjected" not in plan.render(request, UPSTREAM_SERVER, b"")
+    with pytest.raises(ValueError):          # a NUL in the path is a 400 before routing
+        make_request([("Host", "a")], url=b"/x%00").uri

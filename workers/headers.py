@@ -31,7 +31,17 @@ def connection_tokens(value: bytes) -> set:
     return {token.strip().lower() for token in value.split(b",") if token.strip()}
 
 
+_FORBIDDEN = {0: None, 10: None, 13: None}      # NUL, LF, CR: would split the header
+
+
 def _to_bytes(value: str) -> bytes:
+    """A header value as bytes; a variable can never inject a header line.
+
+    ``$uri`` is percent-decoded, so a client could smuggle ``%0d%0a`` into a header
+    that a template fills: CR, LF and NUL are dropped.
+    """
+    if "\r" in value or "\n" in value or "\0" in value:
+        value = value.translate(_FORBIDDEN)
     try:
         return value.encode("latin-1")
     except UnicodeEncodeError:      # a decoded $uri with characters beyond latin-1
