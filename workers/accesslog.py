@@ -53,12 +53,12 @@ class AccessLog:
                     f'upstream={upstream} upstream_status={upstream_status or "-"} '
                     f'request_time={elapsed:.3f}\n')
 
-    def tunnel_line(self, info, server, duration, bytes_in, bytes_out):
+    def tunnel_line(self, record, server, duration, bytes_in, bytes_out):
         """One line when a tunnel ends: its whole duration and bytes, across handovers."""
         stamp = time.strftime("%d/%b/%Y:%H:%M:%S %z")
-        line = _quote(f"{info['method']} {info['url']} HTTP/{info['version']}")
-        agent = _quote(info.get("user_agent") or "-")
-        self._write(f'{info["client"][0]} - - [{stamp}] "{line}" 101 {bytes_out} "-" '
+        line = _quote(f"{record.method} {record.url} HTTP/{record.version}")
+        agent = _quote(record.user_agent or "-")
+        self._write(f'{record.client[0]} - - [{stamp}] "{line}" 101 {bytes_out} "-" '
                     f'"{agent}" upstream={server.hostport} upstream_status=101 '
                     f'tunnel_time={duration:.3f} bytes_in={bytes_in} bytes_out={bytes_out}\n')
 

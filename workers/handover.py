@@ -156,9 +156,10 @@ def hand_over_tunnels(worker, targets, tunnels) -> int:
 
 
 def _send_one(channel, tunnel) -> bool:
-    meta = getattr(tunnel.on_close, "handover_meta", None)
-    if meta is None:
+    meta_of = getattr(tunnel.on_close, "meta", None)
+    if meta_of is None:
         return False
+    meta = meta_of()
     client_fd, backend_fd, relay, up_tail, down_tail = tunnel.export()
     state = dict(meta, **relay)
     body = json.dumps(state).encode()

@@ -24,6 +24,7 @@ from workers.handover import HandoverServer, hand_over_tunnels
 from workers.headers import HeadPlan
 from workers.http import ClientConnection
 from workers.router import Router
+from workers.tunnelrecord import TunnelRecord
 from workers.upstream import UpstreamPool
 
 log = logging.getLogger("mplb.worker")
@@ -66,6 +67,7 @@ class Worker:
         self._buffers = []
         self._plans = {}
         self._counter_words = {}      # server url -> shm word indexes (count_exchange)
+        self.accepted_since_trim = 0
         self._defaults = {}
         self.access_log = AccessLog(config.access_log)
         self.balancers = self._init_balancers()
@@ -158,13 +160,8 @@ class Worker:
         if self.shared is not None:
             self.shared.tunnel_opened(self.slot, server.url)
             self.shared.count_request(self.slot, server.url)
-        info = {"upstream": self._upstream_name(balancer), "server": server.url,
-                "listen": list(conn.listen.key), "client": [conn.client_ip, conn.client_port],
-                "method": request.method, "url": request.url.decode("latin-1"),
-                "version": request.version, "host": request.host,
-                "user_agent": request.header("user-agent") or "",
-                "opened": time.time(), "bytes_in": bytes_in, "bytes_out": bytes_out}
-        on_close = self._tunnel_closer(info, pick, balancer, holds_capacity=True)
+        on_close = TunnelRecord.for_request(self, conn, request, pick, balancer,
+                                            self._upstream_name(balancer), bytes_in, bytes_out)
         start_tunnel(conn.sock, backend_sock, client_pending, backend_pending, settings,
                      on_close)
 
@@ -174,31 +171,26 @@ class Worker:
                 return name
         return ""
 
-    def _tunnel_closer(self, info, pick, balancer, holds_capacity):
-        """The on_close callback of a tunnel: accounting, logs, and handover metadata."""
+    def tunnel_closed(self, record, reason, backend_failed, tunnel_in, tunnel_out):
+        """A tunnel ended (or moved to another worker): undo its accounting, log it."""
+        server = record.pick.server
+        record.balancer.free(record.pick, backend_failed)
         shared = self.shared
-        server = pick.server
-
-        def on_close(reason, backend_failed, tunnel_in, tunnel_out):
-            balancer.free(pick, backend_failed)
-            if shared is not None:
-                shared.tunnel_closed(self.slot, server.url)
-                # shm counts bytes from the server as "in": the client's bytes go out.
-                shared.add_bytes(self.slot, server.url, tunnel_out, tunnel_in)
-            self._release_connection(holds_capacity)
-            if reason == "handover":
-                log.debug("tunnel client=%s:%s server=%s handed over", *info["client"],
-                          server.hostport)
-                return
-            log.debug("tunnel client=%s:%s server=%s closed: %s", *info["client"],
-                      server.hostport, reason)
-            if self.access_log.enabled:
-                self.access_log.tunnel_line(info, server, time.time() - info["opened"],
-                                            info["bytes_in"] + tunnel_in,
-                                            info["bytes_out"] + tunnel_out)
-
-        on_close.handover_meta = info
-        return on_close
+        if shared is not None:
+            shared.tunnel_closed(self.slot, server.url)
+            # shm counts bytes from the server as "in": the client's bytes go out.
+            shared.add_bytes(self.slot, server.url, tunnel_out, tunnel_in)
+        self._release_connection(record.holds_capacity)
+        if reason == "handover":
+            log.debug("tunnel client=%s:%s server=%s handed over", *record.client,
+                      server.hostport)
+            return
+        log.debug("tunnel client=%s:%s server=%s closed: %s", *record.client,
+                  server.hostport, reason)
+        if self.access_log.enabled:
+            self.access_log.tunnel_line(record, server, time.time() - record.opened,
+                                        record.bytes_in + tunnel_in,
+                                        record.bytes_out + tunnel_out)
 
     def adopt_tunnel(self, client_fd, backend_fd, state, up_tail, down_tail) -> bool:
         """Take over a tunnel from a retiring worker; False only if it cannot be handled."""
@@ -219,19 +211,15 @@ class Worker:
         balancer = self.balancers[upstream.name]
         pick = balancer.adopt(index)
         settings = self._settings_for(state, upstream.name)
-        info = dict((key, state[key]) for key in (
-            "upstream", "server", "listen", "client", "method", "url", "version", "host",
-            "user_agent", "opened", "bytes_in", "bytes_out"))
-        info["bytes_in"] += state.get("client_rx", 0)
-        info["bytes_out"] += state.get("client_tx", 0)
         if self.shared is not None:
             self.shared.tunnel_opened(self.slot, pick.server.url)
         self.connection_count += 1
         holds = self.capacity.acquire(blocking=False)
         if self.shared is not None:
             self.shared.worker_connections(self.slot, 1)
+        record = TunnelRecord.from_state(self, pick, balancer, holds, state)
         adopt_tunnel(client, backend, dict(state, client_rx=0, client_tx=0), up_tail,
-                     down_tail, settings, self._tunnel_closer(info, pick, balancer, holds))
+                     down_tail, settings, record)
         return True
 
     def _settings_for(self, state, upstream_name):
@@ -302,6 +290,7 @@ class Worker:
                 gevent.sleep(0.1)     # EMFILE and friends: back off instead of spinning
                 continue
             self.connection_count += 1
+            self.accepted_since_trim += 1
             if self.shared is not None:
                 self.shared.worker_connections(self.slot, 1)
             gevent.spawn(self.handle, sock, addr, listen)
@@ -321,6 +310,9 @@ class Worker:
             except OSError:
                 self.fast_stop()
             self.access_log.flush()         # a quiet worker still writes its lines out
+            if self.accepted_since_trim >= TRIM_AFTER_ACCEPTS:
+                self.accepted_since_trim = 0
+                release_free_memory()
             gevent.sleep(HEARTBEAT_INTERVAL)
 
     def graceful_stop(self):
@@ -411,6 +403,29 @@ class Worker:
 
 
 _PROFILE = {"profiler": None, "dir": None}
+TRIM_AFTER_ACCEPTS = 256
+
+
+def _load_malloc_trim():
+    try:
+        import ctypes
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def release_free_memory():
+    """Give freed heap pages back to the kernel after a burst of connections.
+
+    Thousands of handshakes at once leave their buffers and greenlet stacks freed but
+    scattered through the heap; glibc keeps such pages until asked.  Long-lived tunnels
+    would otherwise pay for the burst that opened them.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _alive(pid) -> bool:

@@ -1,0 +1,53 @@
+"""What a worker remembers about one tunnel, in as few bytes as possible.
+
+A ``TunnelRecord`` names the tunnel (client, request, upstream, server) for logs and for
+a handover to the next generation, carries the accounting to undo when it ends, and is
+itself the tunnel's ``on_close`` callback.  One slots object instead of a dict and a
+closure: with thousands of idle tunnels per worker that difference is the point.
+"""
+from __future__ import annotations
+
+import time
+
+# Fields that travel with a handover (JSON) and come back through ``from_state``.
+META = ("upstream", "server", "listen", "client", "method", "url", "version", "host",
+        "user_agent", "opened", "bytes_in", "bytes_out")
+
+
+class TunnelRecord:
+    __slots__ = META + ("worker", "pick", "balancer", "holds_capacity")
+
+    def __init__(self, worker, pick, balancer, holds_capacity, **meta):
+        self.worker = worker
+        self.pick = pick
+        self.balancer = balancer
+        self.holds_capacity = holds_capacity
+        for name in META:
+            setattr(self, name, meta[name])
+
+    @classmethod
+    def for_request(cls, worker, conn, request, pick, balancer, upstream_name,
+                    bytes_in, bytes_out):
+        return cls(worker, pick, balancer, True, upstream=upstream_name,
+                   server=pick.server.url, listen=tuple(conn.listen.key),
+                   client=(conn.client_ip, conn.client_port), method=request.method,
+                   url=request.url.decode("latin-1"), version=request.version,
+                   host=request.host, user_agent=request.header("user-agent") or "",
+                   opened=time.time(), bytes_in=bytes_in, bytes_out=bytes_out)
+
+    @classmethod
+    def from_state(cls, worker, pick, balancer, holds_capacity, state):
+        """A record for a tunnel handed over by a retiring worker (bytes so far kept)."""
+        meta = {name: state[name] for name in META}
+        meta["listen"] = tuple(meta["listen"])
+        meta["client"] = tuple(meta["client"])
+        meta["bytes_in"] += state.get("client_rx", 0)
+        meta["bytes_out"] += state.get("client_tx", 0)
+        return cls(worker, pick, balancer, holds_capacity, **meta)
+
+    def meta(self) -> dict:
+        """The JSON-able identity sent along with a handover."""
+        return {name: getattr(self, name) for name in META}
+
+    def __call__(self, reason, backend_failed, tunnel_in, tunnel_out):
+        self.worker.tunnel_closed(self, reason, backend_failed, tunnel_in, tunnel_out)
