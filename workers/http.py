@@ -19,6 +19,7 @@ import httptools
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
 
 from workers.headers import connection_tokens
+from workers.netio import recv_into
 from workers.proxy import ClientGone, UpstreamExchange
 from workers.request import BadRequest, Request
 from workers.responses import CONTINUE_100, local_response, redirect_response
@@ -243,7 +244,7 @@ class ClientConnection:
             else:
                 sock.settimeout(settings.keepalive_timeout)
             try:
-                count = sock.recv_into(buffer)
+                count = recv_into(sock, buffer)
             except socket.timeout:
                 if mid_head or current is not None and not current.complete:
                     self._reply_error(408)

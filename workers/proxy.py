@@ -15,7 +15,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from workers.headers import HOP_BY_HOP, connection_tokens
 from workers.responses import local_response, reason_phrase
-from workers.netio import send_all
+from workers.netio import recv_into, send_all
 from workers.upstream import ConnectFailed
 
 log = logging.getLogger("mplb.proxy")
@@ -260,7 +260,7 @@ class UpstreamExchange:
         received = 0
         while True:
             try:
-                count = sock.recv_into(buffer)
+                count = recv_into(sock, buffer)
             except socket.timeout:
                 raise UpstreamFailed(504, "upstream timed out while reading response header",
                                      retryable=True, kind="timeout")
@@ -380,7 +380,7 @@ class UpstreamExchange:
         size = len(buffer)
         while remaining > 0:
             try:
-                count = sock.recv_into(buffer, min(size, remaining))
+                count = recv_into(sock, buffer, min(size, remaining))
             except OSError:
                 count = 0
             if not count:
@@ -398,7 +398,7 @@ class UpstreamExchange:
         parser = response.parser
         while not response.complete:
             try:
-                count = sock.recv_into(buffer)
+                count = recv_into(sock, buffer)
             except OSError:
                 count = 0
             if not count:
