@@ -625,3 +625,32 @@ def browser_marks(timeout=180):
     return [pytest.mark.timeout(timeout),
             pytest.mark.skipif(not os.path.exists(CHROMIUM),
                                reason=f"{CHROMIUM} is not installed")]
+
+
+class Stack:
+    """An mplb in front of named test backends; started together, stopped together.
+
+    ``config`` is a template: ``{b1}``, ``{b2}`` ... are the backends' URLs, ``{port}``
+    mplb's listen port, and any keyword given here (e.g. ``dead=free_port()``) too.
+    """
+
+    def __init__(self, config, backends=("b1",), workers=2, **values):
+        self.backends = []
+        self.mplb = None
+        try:
+            self.backends = [Backend(name) for name in backends]
+            self.port = free_port()
+            urls = {f"b{i + 1}": backend.url for i, backend in enumerate(self.backends)}
+            self.values = dict(values, port=self.port, **urls)
+            self.mplb = Mplb(config.format(**self.values), workers=workers,
+                             wait_ports=[self.port])
+            self.mplb.port, self.mplb.backends = self.port, tuple(self.backends)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self):
+        if self.mplb is not None:
+            self.mplb.stop()
+        for backend in self.backends:
+            backend.stop()

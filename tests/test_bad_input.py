@@ -10,18 +10,16 @@ import time
 
 import pytest
 
-from tests.harness import Backend, Mplb, free_port, parse_responses, raw_exchange, wait_for
+from tests.harness import Stack, parse_responses, raw_exchange, wait_for
 
 CLOSE = "close"       # the connection may simply be closed without a response
 
 
 @pytest.fixture(scope="module")
 def lb():
-    backend = Backend(name="bad-input")
-    port = free_port()
-    config = f"""
+    stack = Stack("""
 worker_processes 2;
-upstream app {{ server {backend.url} max_fails=0; }}
+upstream app {{ server {b1} max_fails=0; }}
 server {{
     listen 127.0.0.1:{port};
     client_header_timeout 1s;
@@ -29,14 +27,12 @@ server {{
     client_max_body_size 1k;
     location / {{ proxy_pass app; }}
 }}
-"""
-    mplb = Mplb(config, workers=2, wait_ports=[port])
-    mplb.port = port
+""", backends=("bad-input",))
+    mplb = stack.mplb
     mplb.initial_pids = sorted(mplb.worker_pids())
     assert len(mplb.initial_pids) == 2
     yield mplb
-    mplb.stop()
-    backend.stop()
+    stack.stop()
 
 
 OK = b"GET / HTTP/1.1\r\nHost: test\r\n"

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.harness import browser_marks, launch_chromium, Backend, Mplb, free_port, get
+from tests.harness import Stack, browser_marks, free_port, get, launch_chromium
 
 pytestmark = browser_marks()
 
@@ -33,19 +33,10 @@ server {{
 
 @pytest.fixture
 def lb():
-    b1, b2 = Backend("d1"), Backend("d2")
-    port, dead, spare = free_port(), free_port(), free_port()
-    mplb = None
-    try:
-        mplb = Mplb(CONF.format(b1=b1.url, b2=b2.url, dead=dead, spare=spare, port=port),
-                    workers=2, wait_ports=[port])
-        mplb.port, mplb.backends, mplb.dead, mplb.spare = port, (b1, b2), dead, spare
-        yield mplb
-    finally:
-        if mplb is not None:
-            mplb.stop()
-        b1.stop()
-        b2.stop()
+    stack = Stack(CONF, backends=("d1", "d2"), dead=free_port(), spare=free_port())
+    stack.mplb.dead, stack.mplb.spare = stack.values["dead"], stack.values["spare"]
+    yield stack.mplb
+    stack.stop()
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from tests.harness import Backend, Mplb, free_port, parse_responses, raw_exchange
+from tests.harness import Stack, parse_responses, raw_exchange
 
 EXAMPLES = int(os.environ.get("MPLB_FUZZ_EXAMPLES", "300"))
 BOUND = 8.0          # seconds: a reply (or close) later than this is a hang
@@ -19,11 +19,9 @@ BOUND = 8.0          # seconds: a reply (or close) later than this is a hang
 
 @pytest.fixture(scope="module")
 def lb():
-    backend = Backend(name="fuzz")
-    port = free_port()
-    config = f"""
+    stack = Stack("""
 worker_processes 2;
-upstream app {{ server {backend.url} max_fails=0; }}
+upstream app {{ server {b1} max_fails=0; }}
 server {{
     listen 127.0.0.1:{port};
     client_header_timeout 2s;
@@ -35,9 +33,8 @@ server {{
     location = /local {{ return 200 "local answer"; }}
     location ~ ^/re/(\\d+)$ {{ proxy_pass app; }}
 }}
-"""
-    mplb = Mplb(config, workers=2, wait_ports=[port])
-    mplb.port = port
+""", backends=("fuzz",))
+    mplb = stack.mplb
     mplb.initial_pids = sorted(mplb.worker_pids())
     yield mplb
     try:
@@ -46,8 +43,7 @@ server {{
         assert "unexpected error" not in output, output[-4000:]
         assert sorted(mplb.worker_pids()) == mplb.initial_pids
     finally:
-        mplb.stop()
-        backend.stop()
+        stack.stop()
 
 
 BASES = [

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.harness import ROOT, Backend, Mplb, free_port, get, wait_for
+from tests.harness import ROOT, Stack, get, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -50,20 +50,13 @@ def run(*args, timeout=30):
 
 @pytest.fixture(scope="module")
 def lb():
-    b1, b2 = Backend("s1"), Backend("s2")
-    port = free_port()
-    mplb = None
+    stack = Stack(CONF, backends=("s1", "s2"))
     try:
-        mplb = Mplb(CONF.format(b1=b1.url, b2=b2.url, port=port), workers=2, wait_ports=[port])
-        mplb.port, mplb.backends = port, (b1, b2)
         for path in ("/", "/a", "/b", "/other", "/other/x"):
-            assert get(port, path)[0] == 200
-        yield mplb
+            assert get(stack.port, path)[0] == 200
+        yield stack.mplb
     finally:
-        if mplb is not None:
-            mplb.stop()
-        b1.stop()
-        b2.stop()
+        stack.stop()
 
 
 def status_json(lb):

@@ -11,7 +11,7 @@ import re
 import pytest
 
 from mplb import dashboard, status
-from tests.harness import Backend, Mplb, free_port, get, wait_for
+from tests.harness import Stack, free_port, get, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -41,19 +41,9 @@ server {{
 
 @pytest.fixture(scope="module")
 def lb():
-    b1, b2 = Backend("one"), Backend("two")
-    port = free_port()
-    mplb = None
-    try:
-        mplb = Mplb(CONF.format(b1=b1.url, b2=b2.url, dead=free_port(), port=port),
-                    workers=2, wait_ports=[port])
-        mplb.port, mplb.backends = port, (b1, b2)
-        yield mplb
-    finally:
-        if mplb is not None:
-            mplb.stop()
-        b1.stop()
-        b2.stop()
+    stack = Stack(CONF, backends=("one", "two"), dead=free_port())
+    yield stack.mplb
+    stack.stop()
 
 
 def status_json(port, path="/status", headers=None):
