@@ -216,6 +216,24 @@ def test_repick_when_persisted_backend_dies(cleanup):
     assert server_rows(port)[hostport(dead)]["state"] == "failed"
 
 
+def test_upgrade_on_stale_pooled_connection_moves_to_next_server(cleanup):
+    """One worker, so the upgrade takes the very connection the previous request pooled:
+    its backend is gone, reconnecting is refused, and the upgrade must still succeed on
+    the other server (proxy_next_upstream error), not end in 502."""
+    pool = [Backend(f"s{i}") for i in range(2)]
+    cleanup.extend(pool)
+    port = free_port()
+    lb = Mplb(conf_for(port, [b.url for b in pool], persistence="ip_hash"), workers=1,
+              wait_ports=[port])
+    cleanup.append(lb)
+    first = backend_of(port)[1]                  # pools one upstream connection to it
+    dead = next(b for b in pool if b.backend_name == first)
+    dead.stop()
+    ws, moved = open_ws(port)
+    cleanup.append(ws)
+    assert moved != first
+
+
 # -- least_connections ----------------------------------------------------------------------
 
 def test_least_connections_balances_tunnels_across_workers(backends, cleanup):

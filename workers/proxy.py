@@ -469,20 +469,24 @@ class UpstreamExchange:
     def finish_upgrade(self, request, client_pending) -> bool:
         """Relay the backend's answer to an upgrade; True when a tunnel took over."""
         from workers.tunnel import start_tunnel
-        if self.failure is not None:
-            self._answer_failure(request)
-            return False
         worker = self.worker
         buffer = worker.take_buffer()
         try:
-            try:
-                response, received, backend_pending = self._read_head_fresh(
-                    request, buffer, memoryview(buffer))
-            except UpstreamFailed as exc:
-                self._release(failed=True, reusable=False)
-                self.failure = exc
-                self._answer_failure(request)
-                return False
+            while True:
+                if self.failure is not None:
+                    self._answer_failure(request)
+                    return False
+                try:
+                    response, received, backend_pending = self._read_head_fresh(
+                        request, buffer, memoryview(buffer))
+                    break
+                except UpstreamFailed as exc:
+                    # As for plain requests: another server when proxy_next_upstream allows.
+                    self._release(failed=True, reusable=False)
+                    self.failure = exc
+                    if exc.retryable and self._may_retry(request, exc):
+                        self.failure = None
+                        self._connect_and_send()
             if backend_pending is None or response.status != 101:
                 return self._relay_body(request, response, received, buffer,
                                         memoryview(buffer), False) and False
