@@ -172,7 +172,8 @@ class UpstreamExchange:
         server = pick.server
         head = self.plan.render(self.request, server, self.framing)
         for _ in range(2):
-            sock, reused = worker.pool.acquire(server, self.settings.proxy_connect_timeout)
+            sock, reused = worker.pool.acquire(server, self.settings.proxy_connect_timeout,
+                                               verify=bool(self.framing))
             try:
                 send_all(sock, head, self.settings.proxy_send_timeout)
             except OSError as exc:

@@ -42,12 +42,17 @@ class UpstreamPool:
     def __init__(self):
         self._idle = {}
 
-    def acquire(self, server, connect_timeout):
-        """Return ``(sock, reused)``; raise ConnectFailed when a new connect fails."""
+    def acquire(self, server, connect_timeout, verify=False):
+        """Return ``(sock, reused)``; raise ConnectFailed when a new connect fails.
+
+        ``verify``: always peek before reuse (a request with a body cannot be replayed
+        on a fresh connection if the pooled one turns out to be closed).
+        """
         idle = self._idle.get(server.url)
         while idle:
             sock, since = idle.pop()
-            if time.monotonic() - since < PEEK_AFTER_IDLE or _is_reusable(sock):
+            if (not verify and time.monotonic() - since < PEEK_AFTER_IDLE) \
+                    or _is_reusable(sock):
                 return sock, True
             sock.close()
         return connect(server, connect_timeout), False
