@@ -234,6 +234,29 @@ def test_upgrade_on_stale_pooled_connection_moves_to_next_server(cleanup):
     assert moved != first
 
 
+def test_post_never_uses_a_stale_pooled_connection(cleanup):
+    """A body cannot be replayed, so a pooled connection is checked before a POST uses it:
+    the dead server's connection is noticed and the POST goes to the other server."""
+    import http.client
+    pool = [Backend(f"p{i}") for i in range(2)]
+    cleanup.extend(pool)
+    port = free_port()
+    lb = Mplb(conf_for(port, [b.url for b in pool], persistence="ip_hash"), workers=1,
+              wait_ports=[port])
+    cleanup.append(lb)
+    first = backend_of(port)[1]                  # pools one upstream connection to it
+    next(b for b in pool if b.backend_name == first).stop()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("POST", "/echo-body", body=b"payload")
+        response = conn.getresponse()
+        assert response.status == 200
+        assert response.read() == b"payload"
+        assert response.getheader("X-Backend") != first
+    finally:
+        conn.close()
+
+
 # -- least_connections ----------------------------------------------------------------------
 
 def test_least_connections_balances_tunnels_across_workers(backends, cleanup):
