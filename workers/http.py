@@ -337,9 +337,10 @@ class ClientConnection:
             uri = request.uri
         except (ValueError, UnicodeDecodeError):
             return LocalAnswer(self, 400)
-        if request.version == "1.1" and request.host == "" and request.header("host") is None:
+        host = request.host
+        if not host and request.version == "1.1" and request.header("host") is None:
             return LocalAnswer(self, 400)
-        vserver, location = worker.router.route(self.listen.key, request.host, uri)
+        vserver, location = worker.router.route(self.listen.key, host, uri)
         if location is None:
             return LocalAnswer(self, 404, settings=vserver.settings)
         settings = location.settings

@@ -49,7 +49,6 @@ class ResponseHead:
     status_text = b""
     headers_done = False
     complete = False
-    head_size = 0
     keep_alive = False
     content_length = None        # raw bytes of the Content-Length value
     chunked = False
@@ -63,9 +62,8 @@ class ResponseHead:
 
     def reset(self):
         """Forget an interim (1xx) response; the final one follows on the same parser."""
-        for name in ("status", "status_text", "headers_done", "complete", "head_size",
-                     "keep_alive", "content_length", "chunked", "connection_named",
-                     "upgrade"):
+        for name in ("status", "status_text", "headers_done", "complete", "keep_alive",
+                     "content_length", "chunked", "connection_named", "upgrade"):
             self.__dict__.pop(name, None)
         self.headers = []
         self.body = []
@@ -74,12 +72,12 @@ class ResponseHead:
         self.status_text += text
 
     def on_header(self, name, value):
-        self.head_size += len(name) + len(value) + 4
-        if len(self.headers) >= MAX_RESPONSE_HEADERS or self.head_size > MAX_RESPONSE_HEAD:
-            raise ValueError("upstream response head too large")
-        self.headers.append((name, value))
-        size = len(name)
-        if size in (7, 10, 14, 17):
+        # The head's total size is bounded by what _read_head agrees to receive.
+        headers = self.headers
+        if len(headers) >= MAX_RESPONSE_HEADERS:
+            raise ValueError("upstream response has too many headers")
+        headers.append((name, value))
+        if len(name) in (7, 10, 14, 17):
             lname = name.lower()
             if lname == b"content-length":
                 self.content_length = value
