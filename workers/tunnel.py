@@ -349,6 +349,8 @@ class Tunnel:
             self._flush(inflow)
         if revents & READ and not self.closed and not outflow.eof and not outflow.blocked():
             self._pump(outflow)
+            if not revents & WRITE and not outflow.eof and not outflow.blocked():
+                return      # the common case: everything passed on, watchers stay as they are
         if not self.closed:
             self._update()
 
