@@ -216,19 +216,25 @@ def test_repick_when_persisted_backend_dies(cleanup):
     assert server_rows(port)[hostport(dead)]["state"] == "failed"
 
 
-def test_upgrade_on_stale_pooled_connection_moves_to_next_server(cleanup):
-    """One worker, so the upgrade takes the very connection the previous request pooled:
-    its backend is gone, reconnecting is refused, and the upgrade must still succeed on
-    the other server (proxy_next_upstream error), not end in 502."""
+def stale_pooled_connection(cleanup):
+    """One worker, two servers, ip_hash: the client's server answers once (its upstream
+    connection goes back to the pool) and then dies.  Returns (port, dead server name)."""
     pool = [Backend(f"s{i}") for i in range(2)]
     cleanup.extend(pool)
     port = free_port()
     lb = Mplb(conf_for(port, [b.url for b in pool], persistence="ip_hash"), workers=1,
               wait_ports=[port])
     cleanup.append(lb)
-    first = backend_of(port)[1]                  # pools one upstream connection to it
-    dead = next(b for b in pool if b.backend_name == first)
-    dead.stop()
+    first = backend_of(port)[1]
+    next(b for b in pool if b.backend_name == first).stop()
+    return port, first
+
+
+def test_upgrade_on_stale_pooled_connection_moves_to_next_server(cleanup):
+    """The upgrade takes the very connection the previous request pooled: its backend is
+    gone, reconnecting is refused, and the upgrade must still succeed on the other server
+    (proxy_next_upstream error), not end in 502."""
+    port, first = stale_pooled_connection(cleanup)
     ws, moved = open_ws(port)
     cleanup.append(ws)
     assert moved != first
@@ -238,14 +244,7 @@ def test_post_never_uses_a_stale_pooled_connection(cleanup):
     """A body cannot be replayed, so a pooled connection is checked before a POST uses it:
     the dead server's connection is noticed and the POST goes to the other server."""
     import http.client
-    pool = [Backend(f"p{i}") for i in range(2)]
-    cleanup.extend(pool)
-    port = free_port()
-    lb = Mplb(conf_for(port, [b.url for b in pool], persistence="ip_hash"), workers=1,
-              wait_ports=[port])
-    cleanup.append(lb)
-    first = backend_of(port)[1]                  # pools one upstream connection to it
-    next(b for b in pool if b.backend_name == first).stop()
+    port, first = stale_pooled_connection(cleanup)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
         conn.request("POST", "/echo-body", body=b"payload")
