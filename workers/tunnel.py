@@ -66,50 +66,6 @@ def movable_tunnels() -> list:
     return [t for t in _live if t.movable()]
 
 
-def close_unadoptable(client_sock, backend_sock, state: dict, down_tail: bytes) -> None:
-    """A handed-over tunnel whose server left the configuration: say 1001 and close.
-
-    The Close frame goes to the client only when its stream is known to sit at a frame
-    boundary (framing was tracked); otherwise a TCP close is all that is safe.
-    """
-    trackers = state.get("trackers")
-    toward_client = trackers[1] if trackers else None
-    try:
-        client_sock.settimeout(1.0)
-        if down_tail:
-            client_sock.sendall(down_tail)
-        if toward_client and toward_client["need"] == 0 and not toward_client["head"] \
-                and toward_client["held"] is None and not toward_client["close_seen"]:
-            client_sock.sendall(build_frame(OP_CLOSE, close_payload(CLOSE_GOING_AWAY), False))
-    except OSError:
-        pass
-    finally:
-        client_sock.close()
-        backend_sock.close()
-
-
-def adopt_tunnel(client_sock, backend_sock, state: dict, up_tail: bytes, down_tail: bytes,
-                 settings, on_close) -> "Tunnel":
-    """Carry on a tunnel exported by ``Tunnel.export`` in another worker.
-
-    Framing continues only when both the old tunnel tracked frames and the new settings
-    ask for it: a tunnel that was never tracked has no known frame boundary.
-    """
-    framing = bool(state.get("trackers")) and bool(settings.proxy_websocket_keepalive)
-    tunnel = Tunnel(client_sock, backend_sock, settings, on_close, USE_SPLICE, framing=framing)
-    if framing:
-        tunnel.up.tracker.restore(state["trackers"][0])
-        tunnel.down.tracker.restore(state["trackers"][1])
-    tunnel.client.rx, tunnel.client.tx = state.get("client_rx", 0), state.get("client_tx", 0)
-    now = time.monotonic()
-    for flow, tail in ((tunnel.up, up_tail), (tunnel.down, down_tail)):
-        if tail:
-            flow.tail = bytes(tail)
-            flow.stall = now
-    tunnel.start(b"", b"")
-    return tunnel
-
-
 def close_all_tunnels(reason: str = "shutdown", code: int = CLOSE_GOING_AWAY) -> int:
     """Close every live tunnel of this worker (graceful-stop deadline, fast stop)."""
     tunnels = list(_live)

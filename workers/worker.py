@@ -20,7 +20,8 @@ from gevent.lock import Semaphore
 
 from mplb import logs
 from workers.accesslog import AccessLog
-from workers.handover import HandoverServer, hand_over_tunnels
+from workers.handover import (HandoverServer, adopt_tunnel, close_unadoptable,
+                              hand_over_tunnels)
 from workers.headers import HeadPlan
 from workers.http import ClientConnection
 from workers.router import Router
@@ -194,7 +195,6 @@ class Worker:
 
     def adopt_tunnel(self, client_fd, backend_fd, state, up_tail, down_tail) -> bool:
         """Take over a tunnel from a retiring worker; False only if it cannot be handled."""
-        from workers.tunnel import adopt_tunnel, close_unadoptable
         client = gsocket.socket(fileno=client_fd)
         backend = gsocket.socket(fileno=backend_fd)
         upstream = self.config.upstreams.get(state.get("upstream", ""))
