@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from urllib.parse import parse_qs
 
@@ -254,7 +253,3 @@ def render(shared, config, request):
         log.exception("mplb_status failed")
         return 500, b"text/plain", b"500 statistics failed\n"
     return 200, CONTENT_TYPES[fmt], body.encode("utf-8")
-
-
-def master_pid_of(shared) -> int:
-    return shared.master_pid if shared is not None else os.getpid()

@@ -48,11 +48,6 @@ def _to_bytes(value: str) -> bytes:
         return value.encode("utf-8")
 
 
-def _render_parts(parts, request) -> bytes:
-    return _to_bytes("".join(request.variable(text) if is_var else text
-                             for is_var, text in parts))
-
-
 def compile_value(parts):
     """A function request -> str for a header template, as direct as the template allows."""
     if len(parts) == 1 and parts[0][0] and parts[0][1] in VARIABLES:
@@ -66,12 +61,12 @@ class HeadPlan:
 
     def __init__(self, settings):
         entries = {name.lower(): (name, parts) for name, parts in DEFAULT_SET_HEADERS}
-        self.host_parts = None             # None: forward the client's Host as sent
+        self.host_value_of = None          # None: forward the client's Host as sent
         self.connection_close = False      # proxy_set_header Connection close
         for template in settings.proxy_set_header:
             key = template.name.lower()
             if key == "host":
-                self.host_parts = template.parts
+                self.host_value_of = compile_value(template.parts)
                 continue
             if key == "connection":
                 # mplb owns the upstream connection: only an explicit "close" matters.
@@ -98,8 +93,8 @@ class HeadPlan:
         """The complete upstream request head, ready for one send."""
         version = b"HTTP/1.0" if self.http10 else b"HTTP/1.1"
         out = [request.method.encode("latin-1"), b" ", request.url, b" ", version, b"\r\n"]
-        if self.host_parts is not None:
-            out += [b"Host: ", _render_parts(self.host_parts, request), b"\r\n"]
+        if self.host_value_of is not None:
+            out += [b"Host: ", _to_bytes(self.host_value_of(request)), b"\r\n"]
         else:
             host = request.host_value
             out += [b"Host: ", host if host is not None else server.hostport.encode(),

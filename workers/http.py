@@ -19,7 +19,7 @@ import httptools
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
 
 from workers.headers import connection_tokens
-from workers.netio import recv_into
+from workers.netio import peek, recv_into
 from workers.proxy import ClientGone, UpstreamExchange
 from workers.request import BadRequest, Request
 from workers.responses import CONTINUE_100, local_response, redirect_response
@@ -89,16 +89,11 @@ FIRST_REQUEST_GRACE = 1.0
 
 
 def _has_pending_data(sock) -> bool:
-    """Bytes (or EOF) wait in the kernel buffer; asks the raw socket, never blocks."""
-    pending = getattr(sock, "pending", None)       # TLS: already decrypted bytes
+    """Request bytes wait unread (TLS: already decrypted, or still in the kernel)."""
+    pending = getattr(sock, "pending", None)
     if pending is not None and pending():
         return True
-    try:
-        return bool(sock._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-    except BlockingIOError:
-        return False
-    except (OSError, ValueError):
-        return False
+    return bool(peek(sock))
 
 
 class CloseConnection(Exception):

@@ -7,9 +7,12 @@ socket first and falls back to gevent's cooperative ``sendall`` for the rest.
 """
 from __future__ import annotations
 
+import socket
+
 from gevent import socket as gsocket
 
 _PLAIN = gsocket.socket
+_PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 
 
 def send_all(sock, data, timeout) -> None:
@@ -35,3 +38,14 @@ def recv_into(sock, buffer, nbytes=0) -> int:
             pass
     # TLS sockets read nothing when told nbytes=0: pass a size only when there is one.
     return sock.recv_into(buffer, nbytes) if nbytes else sock.recv_into(buffer)
+
+
+def peek(sock):
+    """What waits unread on a gevent socket, left in place: None when nothing does,
+    ``b""`` at end of stream (or on a failed socket), else the first byte.  Never blocks."""
+    try:
+        return sock._sock.recv(1, _PEEK)
+    except BlockingIOError:
+        return None
+    except (OSError, ValueError):
+        return b""

@@ -31,7 +31,6 @@ class Request:
     url = b""
     version = "1.1"
     keep_alive = True
-    upgrade = False              # llhttp saw Connection: upgrade + Upgrade
     is_upgrade = False           # mplb's rule: GET, 1.1, upgrade token, Upgrade header
     body_bytes = 0
     headers_done = False

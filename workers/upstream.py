@@ -13,7 +13,8 @@ import time
 
 from gevent import socket as gsocket
 
-_PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
+from workers.netio import peek
+
 PEEK_AFTER_IDLE = 1.0
 
 
@@ -26,14 +27,9 @@ class ConnectFailed(Exception):
 
 
 def _is_reusable(sock) -> bool:
-    """An idle connection is reusable when it has neither data nor EOF pending."""
-    try:
-        sock._sock.recv(1, _PEEK_FLAGS)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    return False   # EOF (b'') or stray bytes: the backend closed or misbehaved
+    """An idle connection is reusable when it has neither data nor EOF pending (stray
+    bytes or EOF mean the backend closed it or misbehaved)."""
+    return peek(sock) is None
 
 
 class UpstreamPool:
