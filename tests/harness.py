@@ -5,6 +5,7 @@ the end; every wait polls a condition against a deadline instead of sleeping bli
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -653,4 +654,17 @@ class Stack:
         if self.mplb is not None:
             self.mplb.stop()
         for backend in self.backends:
+            backend.stop()
+
+
+@contextlib.contextmanager
+def backend_pool(prefix, count=3):
+    """``count`` test backends named ``<prefix>0``, ``<prefix>1`` ..., stopped at the end."""
+    started = []
+    try:
+        for index in range(count):
+            started.append(Backend(f"{prefix}{index}"))
+        yield started
+    finally:
+        for backend in started:
             backend.stop()

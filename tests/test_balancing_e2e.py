@@ -13,7 +13,7 @@ import re
 import pytest
 import websocket
 
-from tests.harness import Backend, Mplb, free_port, get, get_json, wait_for
+from tests.harness import backend_pool, Backend, Mplb, free_port, get, get_json, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 WORKERS = 4
@@ -93,10 +93,8 @@ def hostport(backend):
 
 @pytest.fixture(scope="module")
 def backends():
-    started = [Backend(f"b{i}") for i in range(3)]
-    yield started
-    for backend in started:
-        backend.stop()
+    with backend_pool("b") as started:
+        yield started
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import threading
 import pytest
 import websocket
 
-from tests.harness import Backend, Mplb, free_port, get, port_open, wait_for
+from tests.harness import backend_pool, Mplb, free_port, get, port_open, wait_for
 
 CONF = """
 worker_processes 2;
@@ -28,10 +28,8 @@ server {{
 
 @pytest.fixture(scope="module")
 def backends():
-    started = [Backend(f"r{i}") for i in range(3)]
-    yield started
-    for backend in started:
-        backend.stop()
+    with backend_pool("r") as started:
+        yield started
 
 
 def render(port, tmp_path, servers, extra="", location=""):
