@@ -6,8 +6,10 @@ the end; every wait polls a condition against a deadline instead of sleeping bli
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -20,11 +22,58 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _port_candidates():
+    """Ports below the kernel's ephemeral range, from a random start.
+
+    A port the kernel hands out with ``bind(0)`` is an ephemeral port, so
+    any client socket opened between the test choosing it and mplb binding
+    it may take it ("address already in use").  Ports below the range are
+    never given to outgoing connections; each is handed out once per run.
+    """
+    low, _ = _ephemeral_range()
+    first, last = 20000, max(20500, low - 1)
+    span = last - first + 1
+    start = random.randrange(span)
+    for i in range(span):
+        yield first + (start + i) % span
+
+
+_PORTS = _port_candidates()
+
+
+def _bindable(port: int) -> bool:
+    for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind((host, port))
+        except OSError as exc:
+            if family == socket.AF_INET6 and exc.errno == errno.EAFNOSUPPORT:
+                continue
+            return False
+    return True
+
+
 def free_port(host="127.0.0.1") -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    """A TCP port free on every address, never the same twice in one run."""
+    for port in _PORTS:
+        if _bindable(port):
+            return port
+    raise RuntimeError("no free TCP port left below the ephemeral range")
+
+
+def free_ports(n: int) -> list[int]:
+    return [free_port() for _ in range(n)]
 
 
 def wait_for(predicate, timeout=15.0, interval=0.02, message="condition"):

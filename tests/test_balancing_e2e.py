@@ -205,8 +205,8 @@ def test_repick_when_persisted_backend_dies(cleanup):
     ws, moved = open_ws(port)             # connect refused -> failed -> fresh pick
     cleanup.append(ws)
     assert moved != first
-    line = wait_for(lambda: re.search(rf"upgrade GET /ws client=\S+ upstream=app "
-                                      rf"server=(\S+) persistence=ip_hash repick", lb.output()),
+    line = wait_for(lambda: re.search(r"upgrade GET /ws client=\S+ upstream=app "
+                                      r"server=(\S+) persistence=ip_hash repick", lb.output()),
                     message="repick log line")
     moved_backend = next(b for b in pool if b.backend_name == moved)
     assert line.group(1) == hostport(moved_backend)

@@ -7,8 +7,8 @@ the example client (examples/websocket_client.py --json) through it and check th
 echoes, the distribution and the persistence.  The demo script is run end to end on
 free ports through its LB_CONF / BACKEND_PORTS overrides.
 
-mplb is found as $MPLB, ``mplb`` on PATH, /tmp/venv/bin/mplb or ./.venv/bin/mplb; the
-tests that need it are skipped (with the reason) when it is not installed.  Every
+mplb is $MPLB or the console script installed next to the Python running the
+tests (harness.mplb_command); a missing script fails the test.  Every
 process is started in its own session and stopped by pid in a finally block.
 """
 from __future__ import annotations
@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness import free_ports, mplb_command
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 ETC = ROOT / "etc"
@@ -40,33 +42,12 @@ pytestmark = pytest.mark.timeout(180)
 # ---------------------------------------------------------------------------
 # helpers (also used by tests/test_browser.py)
 # ---------------------------------------------------------------------------
-def find_mplb() -> str | None:
-    candidates = [os.environ.get("MPLB"), shutil.which("mplb"), "/tmp/venv/bin/mplb",
-                  str(ROOT / ".venv" / "bin" / "mplb")]
-    for cand in candidates:
-        if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
-            return cand
-    return None
-
-
 def need_mplb() -> str:
-    mplb = find_mplb()
-    if mplb is None:
-        pytest.skip("mplb is not installed yet (pip install -e . puts it on PATH)")
-    return mplb
-
-
-def free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    """The mplb console script next to the running Python (or $MPLB)."""
+    argv = [os.environ["MPLB"]] if os.environ.get("MPLB") else mplb_command()
+    if len(argv) != 1:
+        pytest.fail("the mplb console script is not installed (pip install -e .)")
+    return argv[0]
 
 
 def port_open(port: int) -> bool:

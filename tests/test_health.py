@@ -11,6 +11,7 @@ import pytest
 from mplb.config.model import Config, HealthCheck, Upstream, UpstreamServer
 from mplb.health import HealthChecker, check_server
 from mplb.shm import SharedState
+from tests.harness import free_port
 
 
 class Backend:
@@ -42,12 +43,6 @@ class Backend:
 def server_at(port):
     return UpstreamServer(url=f"http://127.0.0.1:{port}", host="127.0.0.1", port=port,
                           address="127.0.0.1")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(condition, timeout=5.0):
