@@ -229,17 +229,16 @@ class ClientConnection:
             current = self.current
             mid_head = current is not None and not current.headers_done
             if current is not None and current.headers_done and not current.complete:
-                sock.settimeout(settings.client_body_timeout)
+                timeout = settings.client_body_timeout
             elif mid_head or not self.served:
-                remaining = head_deadline - time.monotonic()
-                if remaining <= 0:
+                timeout = head_deadline - time.monotonic()
+                if timeout <= 0:
                     self._reply_error(408)
                     return
-                sock.settimeout(remaining)
             else:
-                sock.settimeout(settings.keepalive_timeout)
+                timeout = settings.keepalive_timeout
             try:
-                count = recv_into(sock, buffer)
+                count = recv_into(sock, buffer, 0, timeout)
             except socket.timeout:
                 if mid_head or current is not None and not current.complete:
                     self._reply_error(408)

@@ -255,11 +255,11 @@ class UpstreamExchange:
         """Read until the response head is complete; returns (ResponseHead, bytes read)."""
         sock = self.sock
         response = ResponseHead()
-        sock.settimeout(self.settings.proxy_read_timeout)
+        timeout = self.settings.proxy_read_timeout
         received = 0
         while True:
             try:
-                count = recv_into(sock, buffer)
+                count = recv_into(sock, buffer, 0, timeout)
             except socket.timeout:
                 raise UpstreamFailed(504, "upstream timed out while reading response header",
                                      retryable=True, kind="timeout")
@@ -377,9 +377,10 @@ class UpstreamExchange:
         """A Content-Length body: copy exactly ``remaining`` bytes, no parsing."""
         sock = self.sock
         size = len(buffer)
+        timeout = self.settings.proxy_read_timeout
         while remaining > 0:
             try:
-                count = recv_into(sock, buffer, min(size, remaining))
+                count = recv_into(sock, buffer, min(size, remaining), timeout)
             except OSError:
                 count = 0
             if not count:
@@ -395,9 +396,10 @@ class UpstreamExchange:
         """A chunked or read-until-close body: let the parser find its end."""
         sock = self.sock
         parser = response.parser
+        timeout = self.settings.proxy_read_timeout
         while not response.complete:
             try:
-                count = recv_into(sock, buffer)
+                count = recv_into(sock, buffer, 0, timeout)
             except OSError:
                 count = 0
             if not count:
