@@ -9,6 +9,7 @@ the baseline to subtract.  The minimum over repetitions is reported.
 
     python scripts/bench_path.py [--requests 20000] [--conns 16] [--reps 5]
     python scripts/bench_path.py --opcodes     # Python bytecodes per request instead
+    scripts/bench_path_instructions            # machine instructions (valgrind), exact
 
 ``--opcodes`` counts the bytecode instructions executed per request (through mplb
 minus direct): slow, but exact and immune to the machine's noise.
@@ -119,6 +120,8 @@ def main():
     ap.add_argument("--conns", type=int, default=16)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--opcodes", action="store_true", help="count bytecodes, not CPU time")
+    ap.add_argument("--only", choices=("direct", "mplb"),
+                    help="run one side once (for an external counter such as valgrind)")
     args = ap.parse_args()
     if args.opcodes:
         args.requests, args.reps = min(args.requests, 2000), 1
@@ -132,6 +135,10 @@ def main():
         front = StreamServer(("127.0.0.1", 0),
                              lambda sock, addr: _serve(worker, sock, addr, listen))
         front.start()
+        if args.only:
+            port = backend_port if args.only == "direct" else front.address[1]
+            run_clients(port, args.requests, args.conns)
+            return
         direct, proxied = [], []
         for _ in range(args.reps):
             direct.append(run_clients(backend_port, args.requests, args.conns, args.opcodes))

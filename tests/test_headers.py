@@ -11,6 +11,9 @@ from workers.request import Request
 
 
 class FakeConn:
+    def __init__(self):
+        self.head_blocks = {}
+
     client_ip = "10.1.2.3"
     client_port = 5555
     server_ip = "127.0.0.1"

@@ -26,6 +26,13 @@ DEFAULT_SET_HEADERS = (
 )
 
 
+# Variables with one value for every request of a client connection: header lines
+# made only of these are rendered once per connection (X-Forwarded-For too, while
+# the client sends none of its own).
+CONNECTION_VARIABLES = frozenset({"remote_addr", "remote_port", "server_addr", "server_port",
+                                  "scheme", "proxy_add_x_forwarded_for"})
+
+
 def connection_tokens(value: bytes) -> set:
     """Lower-case tokens of a Connection header value."""
     return {token.strip().lower() for token in value.split(b",") if token.strip()}
@@ -79,6 +86,7 @@ class HeadPlan:
         self.skip = frozenset(REQUEST_MANAGED | {key.encode("latin-1") for key in entries})
         self.static = []                   # pre-rendered b"Name: value\r\n"
         self.dynamic = []                  # (name bytes, parts)
+        self.per_connection = True         # every dynamic line is connection-level
         for key, (name, parts) in entries.items():
             if all(not is_var for is_var, _ in parts):
                 value = "".join(text for _, text in parts)
@@ -86,6 +94,8 @@ class HeadPlan:
                     self.static.append(f"{name}: {value}\r\n".encode("latin-1"))
             else:
                 self.dynamic.append((name.encode("latin-1"), compile_value(parts)))
+                if any(is_var and text not in CONNECTION_VARIABLES for is_var, text in parts):
+                    self.per_connection = False
         self.static_block = b"".join(self.static)
         self.keepalive = not (self.http10 or self.connection_close)
 
@@ -107,15 +117,27 @@ class HeadPlan:
             if name.lower() not in skip:
                 out += [name, b": ", value, b"\r\n"]
         out.append(self.static_block)
-        for name, value_of in self.dynamic:
-            value = value_of(request)
-            if value:
-                out += [name, b": ", _to_bytes(value), b"\r\n"]
+        if self.per_connection and request.forwarded_for is None:
+            blocks = request.conn.head_blocks
+            block = blocks.get(self)
+            if block is None:
+                block = blocks[self] = self._dynamic_block(request)
+            out.append(block)
+        else:
+            out.append(self._dynamic_block(request))
         if request.is_upgrade:
             out += [b"Upgrade: ", (request.header("upgrade") or "").encode("latin-1"),
                     b"\r\nConnection: upgrade\r\n"]
         elif not self.keepalive:
             out.append(b"Connection: close\r\n")
         out += [body_framing, b"\r\n"]
+        return b"".join(out)
+
+    def _dynamic_block(self, request) -> bytes:
+        out = []
+        for name, value_of in self.dynamic:
+            value = value_of(request)
+            if value:
+                out += [name, b": ", _to_bytes(value), b"\r\n"]
         return b"".join(out)
 

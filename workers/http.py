@@ -83,6 +83,13 @@ def _forwarded_for_header(request, lname, value):
 SPECIAL_REQUEST_HEADERS = {10: _connection_header, 6: _expect_header,
                            17: _transfer_encoding_header, 14: _content_length_header,
                            4: _host_header, 15: _forwarded_for_header}
+# The same handlers by lower-case name: the callback lowercases only names of a
+# special length and calls a handler only for the header it handles.
+SPECIAL_BY_NAME = {b"connection": _connection_header, b"expect": _expect_header,
+                   b"transfer-encoding": _transfer_encoding_header,
+                   b"content-length": _content_length_header, b"host": _host_header,
+                   b"x-forwarded-for": _forwarded_for_header}
+SPECIAL_LENGTHS = frozenset(SPECIAL_REQUEST_HEADERS)
 
 
 FIRST_REQUEST_GRACE = 1.0
@@ -117,6 +124,7 @@ class ClientConnection:
         self.head_pending = 0          # head bytes fed since the current head began
         self.exchange = None
         self.handed_off = False        # the socket now belongs to a tunnel
+        self.head_blocks = {}          # HeadPlan -> its connection-level header lines
         self.parser = httptools.HttpRequestParser(self)
 
     # -- addresses (variables) -------------------------------------------
@@ -159,22 +167,24 @@ class ClientConnection:
     def on_url(self, url):
         request = self.current
         request.url += url
-        if len(request.url) > self.limits[1]:
+        if len(request.url) > self.line_limit:
             raise BadRequest(414, "request line too long")
 
     def on_header(self, name, value):
         request = self.current
         size = len(name) + len(value) + 4
-        limit = self.limits[1]
         request.head_size += size
-        if size > limit or len(request.headers) >= MAX_HEADERS:
+        if size > self.line_limit or request.head_size > self.head_limit:
             raise BadRequest(431, "header too large")
-        if request.head_size > self.limits[0] * limit:
-            raise BadRequest(431, "headers too large")
-        request.headers.append((name, value))
-        handler = SPECIAL_REQUEST_HEADERS.get(len(name))
-        if handler is not None:
-            handler(request, name.lower(), value)
+        headers = request.headers
+        headers.append((name, value))
+        if len(headers) > MAX_HEADERS:
+            raise BadRequest(431, "too many headers")
+        if len(name) in SPECIAL_LENGTHS:
+            lname = name.lower()
+            handler = SPECIAL_BY_NAME.get(lname)
+            if handler is not None:
+                handler(request, lname, value)
 
     def on_headers_complete(self):
         request = self.current
@@ -206,7 +216,7 @@ class ClientConnection:
     def serve(self):
         """Serve requests until the client leaves, an error closes, or a tunnel takes over."""
         worker = self.worker
-        self.limits = worker.default_limits(self.listen)
+        self._set_limits(worker.default_limits(self.listen))
         try:
             self._serve()
         except (CloseConnection, ClientGone):
@@ -218,6 +228,12 @@ class ClientConnection:
                 self.exchange.abort()
             if not self.handed_off:
                 self.sock.close()
+
+    def _set_limits(self, limits):
+        """large_client_header_buffers (number, size): a line's and a head's bound."""
+        self.limits = limits
+        self.line_limit = limits[1]
+        self.head_limit = limits[0] * limits[1]
 
     def _serve(self):
         sock = self.sock
@@ -338,7 +354,7 @@ class ClientConnection:
         if location is None:
             return LocalAnswer(self, 404, settings=vserver.settings)
         settings = location.settings
-        self.limits = settings.large_client_header_buffers
+        self._set_limits(settings.large_client_header_buffers)
         if settings.access_rules and not self._allowed(settings.access_rules):
             return LocalAnswer(self, 403, settings=settings)
         limit = settings.client_max_body_size

@@ -41,14 +41,46 @@ class UpstreamFailed(Exception):
         self.kind = kind          # the proxy_next_upstream condition this failure is
 
 
-class ResponseHead:
-    """httptools callbacks for one upstream response; they only collect."""
+def _response_connection(response, value):
+    named = connection_tokens(value) - {b"close", b"keep-alive", b"upgrade"}
+    if named:
+        response.connection_named = named
 
-    # Immutable defaults on the class: creating one costs three stores.
+
+def _response_content_length(response, value):
+    response.content_length = value
+
+
+def _response_transfer_encoding(response, value):
+    response.chunked = True
+
+
+def _response_upgrade(response, value):
+    response.upgrade = value
+
+
+# What the response callback does with the headers mplb never relays as received.
+RESPONSE_SPECIAL = {b"connection": _response_connection,
+                    b"content-length": _response_content_length,
+                    b"transfer-encoding": _response_transfer_encoding,
+                    b"upgrade": _response_upgrade}
+RESPONSE_SKIP_LENGTHS = frozenset(len(name) for name in RESPONSE_SKIP)
+
+
+class ResponseHead:
+    """httptools callbacks for the responses on one upstream connection; they only collect.
+
+    Header lines to relay are rendered as they arrive (``lines``), so the client head
+    is one join.  The object and its parser serve the connection's next response too
+    (``reset``) when the parser saw this one to its end.
+    """
+
+    # Immutable defaults on the class: resetting costs a dict clear and four stores.
     status = 0
     status_text = b""
     headers_done = False
-    complete = False
+    complete = False             # the response's end reached (by the parser or a count)
+    parsed = False               # the parser itself saw the end: it may parse the next one
     keep_alive = False
     content_length = None        # raw bytes of the Content-Length value
     chunked = False
@@ -58,14 +90,17 @@ class ResponseHead:
     def __init__(self):
         self.parser = HttpResponseParser(self)
         self.headers = []
+        self.lines = []
         self.body = []
 
     def reset(self):
-        """Forget an interim (1xx) response; the final one follows on the same parser."""
-        for name in ("status", "status_text", "headers_done", "complete", "keep_alive",
-                     "content_length", "chunked", "connection_named", "upgrade"):
-            self.__dict__.pop(name, None)
+        """Forget the last response (or an interim 1xx); the next one uses the same parser."""
+        parser = self.parser
+        state = self.__dict__
+        state.clear()
+        self.parser = parser
         self.headers = []
+        self.lines = []
         self.body = []
 
     def on_status(self, text):
@@ -73,33 +108,29 @@ class ResponseHead:
 
     def on_header(self, name, value):
         # The head's total size is bounded by what _read_head agrees to receive.
-        headers = self.headers
-        if len(headers) >= MAX_RESPONSE_HEADERS:
-            raise ValueError("upstream response has too many headers")
-        headers.append((name, value))
-        if len(name) in (7, 10, 14, 17):
+        self.headers.append((name, value))
+        if len(name) in RESPONSE_SKIP_LENGTHS:
             lname = name.lower()
-            if lname == b"content-length":
-                self.content_length = value
-            elif lname == b"transfer-encoding":
-                self.chunked = True
-            elif lname == b"connection":
-                named = connection_tokens(value) - {b"close", b"keep-alive", b"upgrade"}
-                if named:
-                    self.connection_named = named
-            elif lname == b"upgrade":
-                self.upgrade = value
+            if lname in RESPONSE_SKIP:
+                handler = RESPONSE_SPECIAL.get(lname)
+                if handler is not None:
+                    handler(self, value)
+                return
+        self.lines += (name, b": ", value, b"\r\n")
 
     def on_headers_complete(self):
+        if len(self.headers) > MAX_RESPONSE_HEADERS:
+            raise ValueError("upstream response has too many headers")
         self.headers_done = True
-        self.status = self.parser.get_status_code()
-        self.keep_alive = self.parser.should_keep_alive()
+        parser = self.parser
+        self.status = parser.get_status_code()
+        self.keep_alive = parser.should_keep_alive()
 
     def on_body(self, body):
         self.body.append(body)
 
     def on_message_complete(self):
-        self.complete = True
+        self.complete = self.parsed = True
 
 
 class UpstreamExchange:
@@ -108,6 +139,7 @@ class UpstreamExchange:
     pick = None
     sock = None
     reused = False
+    reader = None                # the upstream connection's ResponseHead, when kept
     failure = None               # UpstreamFailed before anything reached the client
     body_sent = 0
     bytes_in = 0
@@ -170,8 +202,8 @@ class UpstreamExchange:
         server = pick.server
         head = self.plan.render(self.request, server, self.framing)
         for _ in range(2):
-            sock, reused = worker.pool.acquire(server, self.settings.proxy_connect_timeout,
-                                               verify=bool(self.framing))
+            sock, reused, reader = worker.pool.acquire(
+                server, self.settings.proxy_connect_timeout, verify=bool(self.framing))
             try:
                 send_all(sock, head, self.settings.proxy_send_timeout)
             except OSError as exc:
@@ -179,7 +211,7 @@ class UpstreamExchange:
                 if reused:
                     continue
                 raise ConnectFailed(f"send failed: {exc}")
-            self.pick, self.sock, self.reused = pick, sock, reused
+            self.pick, self.sock, self.reused, self.reader = pick, sock, reused, reader
             self.head = head
             self.bytes_in += len(head)
             self.failure = None
@@ -254,7 +286,11 @@ class UpstreamExchange:
     def _read_head(self, request, buffer, view):
         """Read until the response head is complete; returns (ResponseHead, bytes read)."""
         sock = self.sock
-        response = ResponseHead()
+        response = self.reader
+        if response is None:
+            response = self.reader = ResponseHead()
+        else:
+            response.reset()
         timeout = self.settings.proxy_read_timeout
         received = 0
         while True:
@@ -454,7 +490,10 @@ class UpstreamExchange:
         self.sock = None
         if sock is not None:
             if reusable:
-                self.worker.pool.release(pick.server, sock, self.upstream.keepalive)
+                reader = self.reader
+                self.worker.pool.release(pick.server, sock, self.upstream.keepalive,
+                                         reader if reader is not None and reader.parsed
+                                         else None)
             else:
                 sock.close()
         if pick is not None:
@@ -511,12 +550,13 @@ def render_response_head(response, framing, extra, keep_client, upgrade=False) -
     status = response.status
     text = response.status_text or reason_phrase(status).encode()
     out = [b"HTTP/1.1 %d " % status, text, b"\r\n"]
-    skip = RESPONSE_SKIP
     if response.connection_named:
-        skip = skip | response.connection_named
-    for name, value in response.headers:
-        if name.lower() not in skip:
-            out += [name, b": ", value, b"\r\n"]
+        skip = RESPONSE_SKIP | response.connection_named
+        for name, value in response.headers:
+            if name.lower() not in skip:
+                out += (name, b": ", value, b"\r\n")
+    else:
+        out += response.lines
     if upgrade:
         out += [b"Upgrade: ", response.upgrade or b"websocket",
                 b"\r\nConnection: upgrade\r\n"]

@@ -14,6 +14,20 @@ from workers.uri import normalize_path
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")     # '%' not followed by two hex digits
 
 
+HOST_CACHE_SIZE = 256
+_HOSTS = {}                  # raw Host header -> $host (bounded: cleared when full)
+
+
+def _normal_host(raw: bytes) -> str:
+    """Lower case, no port, no trailing dot; an IPv6 literal keeps its brackets."""
+    host = raw.decode("latin-1").strip().lower()
+    if host.startswith("["):
+        host = host[:host.find("]") + 1]
+    else:
+        host = host.partition(":")[0]
+    return host.rstrip(".")
+
+
 class BadRequest(Exception):
     """The request is malformed in a way the parser cannot see (400 unless told)."""
 
@@ -114,18 +128,20 @@ class Request:
     def host(self):
         """$host: request-line host, else Host header, lower case, without port."""
         if self._host is None:
-            host = ""
             raw = self.url
             if raw.startswith((b"http://", b"https://")):
-                host = raw.split(b"://", 1)[1].split(b"/", 1)[0].decode("latin-1")
-            elif self.host_value is not None:
-                host = self.host_value.decode("latin-1")
-            host = host.strip().lower()
-            if host.startswith("["):
-                host = host[:host.find("]") + 1]
+                host = _normal_host(raw.split(b"://", 1)[1].split(b"/", 1)[0])
+            elif self.host_value is None:
+                host = ""
             else:
-                host = host.partition(":")[0]
-            self._host = host.rstrip(".")
+                # A connection sends the same Host again and again: remember a few.
+                value = self.host_value
+                host = _HOSTS.get(value)
+                if host is None:
+                    if len(_HOSTS) >= HOST_CACHE_SIZE:
+                        _HOSTS.clear()
+                    host = _HOSTS[value] = _normal_host(value)
+            self._host = host
         return self._host
 
     # -- variables -------------------------------------------------------

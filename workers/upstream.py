@@ -39,31 +39,33 @@ class UpstreamPool:
         self._idle = {}
 
     def acquire(self, server, connect_timeout, verify=False):
-        """Return ``(sock, reused)``; raise ConnectFailed when a new connect fails.
+        """Return ``(sock, reused, reader)``; raise ConnectFailed when a new connect fails.
 
+        ``reader`` is the connection's response parser state, kept when its last
+        response was parsed to the end (else None: the caller makes a fresh one).
         ``verify``: always peek before reuse (a request with a body cannot be replayed
         on a fresh connection if the pooled one turns out to be closed).
         """
         idle = self._idle.get(server.url)
         while idle:
-            sock, since = idle.pop()
+            sock, since, reader = idle.pop()
             if (not verify and time.monotonic() - since < PEEK_AFTER_IDLE) \
                     or _is_reusable(sock):
-                return sock, True
+                return sock, True, reader
             sock.close()
-        return connect(server, connect_timeout), False
+        return connect(server, connect_timeout), False, None
 
-    def release(self, server, sock, limit):
+    def release(self, server, sock, limit, reader=None):
         """Keep a connection whose last response ended cleanly, up to ``limit`` idle."""
         idle = self._idle.setdefault(server.url, [])
         if len(idle) < limit:
-            idle.append((sock, time.monotonic()))
+            idle.append((sock, time.monotonic(), reader))
         else:
             sock.close()
 
     def close_all(self):
         for idle in self._idle.values():
-            for sock, _ in idle:
+            for sock, _, _ in idle:
                 sock.close()
         self._idle.clear()
 
