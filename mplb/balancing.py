@@ -129,6 +129,8 @@ class Balancer:
         self._summer_fns = ()
         self._method = (self._least_connections if self.method == "least_connections"
                         else self._smooth_weighted)
+        if len(self._pools[0]) == 1 and not self._pools[1]:
+            self._method = self._single         # every method picks the only server
 
     # -- the peer interface -------------------------------------------------------------
 
@@ -230,6 +232,18 @@ class Balancer:
         if index is None and backup:
             index = self._method(backup, tried, now)
         return index
+
+    def _single(self, pool, tried, now) -> Optional[int]:
+        """One eligible server and no backup: no weights to turn."""
+        i, hdown, hfails, max_conns = pool[0]
+        q = self.q
+        if (tried and i in tried) or q[hdown]:
+            return None
+        if q[hfails] and self._failed(i, now):
+            return None
+        if max_conns and self.active_total(i) >= max_conns:
+            return None
+        return i
 
     def _smooth_weighted(self, pool, tried, now) -> Optional[int]:
         """nginx's smooth WRR: add weights, take the max, subtract the total from it."""

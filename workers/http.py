@@ -92,6 +92,12 @@ SPECIAL_BY_NAME = {b"connection": _connection_header, b"expect": _expect_header,
 SPECIAL_LENGTHS = frozenset(SPECIAL_REQUEST_HEADERS)
 
 
+# One shared string per common method and version instead of a new one per request:
+# a tunnel's record keeps both for its whole life.
+METHOD_NAMES = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH",
+                                        "OPTIONS", "TRACE", "CONNECT")}
+VERSION_NAMES = {v: v for v in ("1.1", "1.0")}
+
 FIRST_REQUEST_GRACE = 1.0
 
 
@@ -190,8 +196,10 @@ class ClientConnection:
         request = self.current
         parser = self.parser
         request.headers_done = True
-        request.method = parser.get_method().decode("ascii")
-        request.version = version = parser.get_http_version()
+        method = parser.get_method()
+        request.method = METHOD_NAMES.get(method) or method.decode("ascii")
+        version = parser.get_http_version()
+        request.version = version = VERSION_NAMES.get(version, version)
         if version != "1.1" and version != "1.0":
             # HTTP/0.9 (no version in the request line) or a major version we do not speak.
             raise BadRequest(505 if version[:1] not in ("0", "1") else 400, "bad version")
@@ -377,15 +385,14 @@ class ClientConnection:
                 return rule.allow
         return True
 
-    def keep_alive_after(self, request) -> bool:
+    def keep_alive_after(self, request, settings=None) -> bool:
         """Whether the response to ``request`` may leave the connection open."""
-        return (request.keep_alive and not self.worker.stopping
-                and self.served + 1 < self.worker_keepalive_requests(request))
-
-    def worker_keepalive_requests(self, request):
-        exchange = self.exchange
-        settings = getattr(exchange, "settings", None) or self.worker.default_settings(self.listen)
-        return settings.keepalive_requests
+        if not request.keep_alive or self.worker.stopping:
+            return False
+        if settings is None:
+            settings = (getattr(self.exchange, "settings", None)
+                        or self.worker.default_settings(self.listen))
+        return self.served + 1 < settings.keepalive_requests
 
     # -- upgrades ------------------------------------------------------------
     def _start_upgrade(self, client_pending):

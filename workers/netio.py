@@ -48,14 +48,14 @@ class _Deadlines:
 
     def __init__(self):
         self.waiting = {}            # Waiter -> monotonic deadline
+        self.loop = None             # the loop the sweep timer runs on
         self.timer = None
 
-    def add(self, hub, waiter, timeout):
-        self.waiting[waiter] = time.monotonic() + timeout
-        if self.timer is None or self.timer.loop is not hub.loop:
-            # First timed wait of this process (a forked worker makes its own hub).
-            self.timer = hub.loop.timer(DEADLINE_TICK, DEADLINE_TICK, ref=False)
-            self.timer.start(self.sweep)
+    def start(self, hub):
+        """First timed wait of this process (a forked worker makes its own hub)."""
+        self.loop = hub.loop
+        self.timer = hub.loop.timer(DEADLINE_TICK, DEADLINE_TICK, ref=False)
+        self.timer.start(self.sweep)
 
     def sweep(self):
         now = time.monotonic()
@@ -66,6 +66,8 @@ class _Deadlines:
 
 
 _DEADLINES = _Deadlines()
+_WAITING = _DEADLINES.waiting
+_monotonic = time.monotonic
 
 
 def wait_readable(sock, timeout) -> None:
@@ -75,19 +77,16 @@ def wait_readable(sock, timeout) -> None:
     watcher = sock._read_event
     waiter = Waiter(hub)
     watcher.start(waiter.switch, waiter)
-    if timeout is None:
-        try:
-            waiter.get()
-        finally:
-            watcher.stop()
-        return
-    waiting = _DEADLINES.waiting
-    _DEADLINES.add(hub, waiter, timeout)
+    if timeout is not None:
+        if _DEADLINES.loop is not hub.loop:
+            _DEADLINES.start(hub)
+        _WAITING[waiter] = _monotonic() + timeout
     try:
         waiter.get()
     finally:
         watcher.stop()
-        waiting.pop(waiter, None)
+        if timeout is not None:
+            _WAITING.pop(waiter, None)
 
 
 def recv_into(sock, buffer, nbytes=0, timeout=None) -> int:

@@ -371,7 +371,7 @@ class UpstreamExchange:
         head_only = request.method == "HEAD" or status in (204, 304)
         length = response.content_length
         chunked_up = response.chunked
-        keep_client = not force_close and conn.keep_alive_after(request)
+        keep_client = not force_close and conn.keep_alive_after(request, self.settings)
         if head_only:
             framing = b"Content-Length: %s\r\n" % length if length is not None else b""
         elif length is not None and not chunked_up:
@@ -382,7 +382,9 @@ class UpstreamExchange:
             framing = b""
             keep_client = False
         rechunk = framing.startswith(b"Transfer")
-        extra = self.balancer.response_headers(self.pick, request, response.headers)
+        balancer = self.balancer
+        extra = (balancer.response_headers(self.pick, request, response.headers)
+                 if balancer.persistence is not None else ())
         head = render_response_head(response, framing, extra, keep_client)
         body = b"".join(response.body)
         response.body.clear()

@@ -14,6 +14,14 @@ META = ("upstream", "server", "listen", "client", "method", "url", "version", "h
         "user_agent", "opened", "bytes_in", "bytes_out")
 
 
+_KEYS = {}
+
+
+def _shared_key(key: tuple) -> tuple:
+    """One tuple per listen for all its tunnels (a listen's key is built on each use)."""
+    return _KEYS.setdefault(key, key)
+
+
 class TunnelRecord:
     __slots__ = META + ("worker", "pick", "balancer", "holds_capacity")
 
@@ -29,7 +37,7 @@ class TunnelRecord:
     def for_request(cls, worker, conn, request, pick, balancer, upstream_name,
                     bytes_in, bytes_out):
         return cls(worker, pick, balancer, True, upstream=upstream_name,
-                   server=pick.server.url, listen=tuple(conn.listen.key),
+                   server=pick.server.url, listen=_shared_key(conn.listen.key),
                    client=(conn.client_ip, conn.client_port), method=request.method,
                    url=request.url.decode("latin-1"), version=request.version,
                    host=request.host, user_agent=request.header("user-agent") or "",
