@@ -252,6 +252,7 @@ class ClientConnection:
         while True:
             current = self.current
             mid_head = current is not None and not current.headers_done
+            between_requests = False
             if current is not None and current.headers_done and not current.complete:
                 timeout = settings.client_body_timeout
             elif mid_head or not self.served:
@@ -260,9 +261,11 @@ class ClientConnection:
                     self._reply_error(408)
                     return
             else:
+                # A response just went out: the next request is rarely there already.
                 timeout = settings.keepalive_timeout
+                between_requests = True
             try:
-                count = recv_into(sock, buffer, 0, timeout)
+                count = recv_into(sock, buffer, 0, timeout, between_requests)
             except socket.timeout:
                 if mid_head or current is not None and not current.complete:
                     self._reply_error(408)

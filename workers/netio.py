@@ -89,10 +89,18 @@ def wait_readable(sock, timeout) -> None:
             _WAITING.pop(waiter, None)
 
 
-def recv_into(sock, buffer, nbytes=0, timeout=None) -> int:
-    """Read into ``buffer`` from a gevent socket, waiting at most ``timeout`` seconds."""
+def recv_into(sock, buffer, nbytes=0, timeout=None, wait_first=False) -> int:
+    """Read into ``buffer`` from a gevent socket, waiting at most ``timeout`` seconds.
+
+    ``wait_first``: the caller expects nothing to be there yet (a response just
+    asked for, the next request on a keep-alive connection), so park before the
+    first read: a read that fails with EAGAIN costs a system call and an OSError
+    whose message CPython decodes from the locale, several microseconds each time.
+    """
     if type(sock) is _PLAIN:
         raw = sock._sock
+        if wait_first:
+            wait_readable(sock, timeout)
         while True:
             try:
                 return raw.recv_into(buffer, nbytes)

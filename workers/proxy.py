@@ -295,7 +295,8 @@ class UpstreamExchange:
         received = 0
         while True:
             try:
-                count = recv_into(sock, buffer, 0, timeout)
+                # The request just went out: its answer cannot be there yet.
+                count = recv_into(sock, buffer, 0, timeout, not received)
             except socket.timeout:
                 raise UpstreamFailed(504, "upstream timed out while reading response header",
                                      retryable=True, kind="timeout")
