@@ -29,10 +29,10 @@ from gevent.server import StreamServer  # noqa: E402
 
 from mplb.config.build import build_config  # noqa: E402
 from mplb.shm import SharedState  # noqa: E402
-from workers.http import ClientConnection  # noqa: E402
 from workers.worker import Worker, WorkerContext  # noqa: E402
 
 REQUEST = b"GET /small HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: bench\r\n\r\n"
+CLOSE_REQUEST = REQUEST[:-2] + b"Connection: close\r\n\r\n"
 RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: bench\r\nContent-Type: text/plain\r\n"
             b"Content-Length: 100\r\nConnection: keep-alive\r\n\r\n" + b"x" * 100)
 CONF = """worker_processes 1;
@@ -53,12 +53,25 @@ def backend(sock, _addr):
         pending += data
         count = pending.count(b"\r\n\r\n")
         if count:
+            close = b"Connection: close" in pending
             pending = pending[pending.rindex(b"\r\n\r\n") + 4:]
             sock.sendall(RESPONSE * count)
+            if close:
+                sock.close()
+                return
 
 
-def client(port, requests):
-    """One keep-alive connection, one request at a time (like wrk)."""
+def client(port, requests, new_conn=False):
+    """One keep-alive connection, one request at a time (like wrk); with ``new_conn``
+    a new connection per request (``Connection: close``, like wrk -H)."""
+    if new_conn:
+        for _ in range(requests):
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(CLOSE_REQUEST)
+            while sock.recv(65536):
+                pass
+            sock.close()
+        return
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     body = RESPONSE[-100:]
@@ -89,14 +102,14 @@ def _trace_calls(frame, _event, _arg):
     return _count_opcode
 
 
-def run_clients(port, total, conns, opcodes=False):
+def run_clients(port, total, conns, opcodes=False, new_conn=False):
     """Per request: CPU microseconds, or bytecodes executed with ``opcodes``."""
     requests = total // conns * conns
     start, _OPCODES[0] = time.process_time(), 0
     if opcodes:
         _BY_CODE.clear()
         sys.settrace(_trace_calls)
-    jobs = [gevent.spawn(client, port, total // conns) for _ in range(conns)]
+    jobs = [gevent.spawn(client, port, total // conns, new_conn) for _ in range(conns)]
     gevent.joinall(jobs, raise_error=True)
     sys.settrace(None)
     if opcodes:
@@ -120,6 +133,8 @@ def main():
     ap.add_argument("--conns", type=int, default=16)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--opcodes", action="store_true", help="count bytecodes, not CPU time")
+    ap.add_argument("--new-conn", action="store_true",
+                    help="a new client connection per request (Connection: close)")
     ap.add_argument("--only", choices=("direct", "mplb"),
                     help="run one side once (for an external counter such as valgrind)")
     args = ap.parse_args()
@@ -132,19 +147,23 @@ def main():
     with tempfile.TemporaryDirectory() as workdir:
         worker, shared = make_worker(backend_port, workdir)
         listen = worker.config.servers[0].listens[0]
-        front = StreamServer(("127.0.0.1", 0),
-                             lambda sock, addr: _serve(worker, sock, addr, listen))
-        front.start()
+        front = socket.socket()
+        front.bind(("127.0.0.1", 0))
+        front.listen(512)
+        front_port = front.getsockname()[1]
+        accepting = gevent.spawn(worker.accept_loop, front, listen)   # the worker's own
         if args.only:
-            port = backend_port if args.only == "direct" else front.address[1]
-            run_clients(port, args.requests, args.conns)
+            port = backend_port if args.only == "direct" else front_port
+            run_clients(port, args.requests, args.conns, new_conn=args.new_conn)
             return
         direct, proxied = [], []
         for _ in range(args.reps):
-            direct.append(run_clients(backend_port, args.requests, args.conns, args.opcodes))
-            proxied.append(run_clients(front.address[1], args.requests, args.conns,
-                                       args.opcodes))
-        front.stop()
+            direct.append(run_clients(backend_port, args.requests, args.conns, args.opcodes,
+                                      args.new_conn))
+            proxied.append(run_clients(front_port, args.requests, args.conns,
+                                       args.opcodes, args.new_conn))
+        accepting.kill()
+        front.close()
         worker.pool.close_all()
         shared.close()
     server.stop()
@@ -159,11 +178,6 @@ def main():
     print(f"direct {base:.1f} us/req, through mplb {total:.1f} us/req, "
           f"mplb path {total - base:.1f} us/req (min of {args.reps}, "
           f"{args.requests} requests, {args.conns} connections)")
-
-
-def _serve(worker, sock, addr, listen):
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    ClientConnection(worker, sock, addr, listen).serve()
 
 
 if __name__ == "__main__":

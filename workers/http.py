@@ -28,6 +28,12 @@ log = logging.getLogger("mplb.http")
 
 MAX_HEADERS = 256                  # more header lines than this is hostile: 431
 RECV_SIZE = 16384
+# One receive buffer for every client connection of the worker: bytes read into it
+# are fed to the parser (whose callbacks copy what they keep) before the greenlet can
+# switch, so no connection needs its own.  An idle keep-alive connection holds no
+# buffer, and a new connection costs no 16 KiB allocation and zero-fill.
+_RECV_BUFFER = bytearray(RECV_SIZE)
+_RECV_VIEW = memoryview(_RECV_BUFFER)
 # Errors after which the connection's framing cannot be trusted: answer and close.
 CLOSING_STATUSES = frozenset({400, 408, 413, 414, 417, 431, 500, 502, 504})
 
@@ -245,8 +251,8 @@ class ClientConnection:
 
     def _serve(self):
         sock = self.sock
-        buffer = bytearray(RECV_SIZE)
-        view = memoryview(buffer)
+        buffer = _RECV_BUFFER
+        view = _RECV_VIEW
         settings = self.worker.default_settings(self.listen)
         head_deadline = time.monotonic() + settings.client_header_timeout
         while True:
