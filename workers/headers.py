@@ -33,9 +33,16 @@ CONNECTION_VARIABLES = frozenset({"remote_addr", "remote_port", "server_addr", "
                                   "scheme", "proxy_add_x_forwarded_for"})
 
 
-def connection_tokens(value: bytes) -> set:
+_COMMON_CONNECTION = {b"keep-alive": frozenset({b"keep-alive"}), b"close": frozenset({b"close"}),
+                      b"upgrade": frozenset({b"upgrade"})}
+
+
+def connection_tokens(value: bytes) -> frozenset:
     """Lower-case tokens of a Connection header value."""
-    return {token.strip().lower() for token in value.split(b",") if token.strip()}
+    common = _COMMON_CONNECTION.get(value.lower())
+    if common is not None:
+        return common
+    return frozenset(token.strip().lower() for token in value.split(b",") if token.strip())
 
 
 _FORBIDDEN = {0: None, 10: None, 13: None}      # NUL, LF, CR: would split the header

@@ -126,6 +126,7 @@ class ClientConnection:
         self.worker = worker
         self.sock = sock
         self.listen = listen
+        self.listen_key = listen.key
         self.client_ip = addr[0]
         self.client_port = addr[1]
         self.scheme = "https" if listen.ssl else "http"
@@ -367,11 +368,12 @@ class ClientConnection:
         host = request.host
         if not host and request.version == "1.1" and request.header("host") is None:
             return LocalAnswer(self, 400)
-        vserver, location = worker.router.route(self.listen.key, host, uri)
+        vserver, location = worker.router.route(self.listen_key, host, uri)
         if location is None:
             return LocalAnswer(self, 404, settings=vserver.settings)
         settings = location.settings
-        self._set_limits(settings.large_client_header_buffers)
+        if settings.large_client_header_buffers is not self.limits:
+            self._set_limits(settings.large_client_header_buffers)
         if settings.access_rules and not self._allowed(settings.access_rules):
             return LocalAnswer(self, 403, settings=settings)
         limit = settings.client_max_body_size

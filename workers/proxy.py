@@ -23,6 +23,11 @@ log = logging.getLogger("mplb.proxy")
 MAX_RESPONSE_HEADERS = 256
 MAX_RESPONSE_HEAD = 65536
 RESPONSE_SKIP = HOP_BY_HOP | {b"content-length"}
+# Response heads are read into one buffer per worker: its bytes are parsed (the
+# callbacks copy what they keep) before the greenlet can switch.  Body copies that
+# may wait on a slow client take a buffer of their own (Worker.take_buffer).
+_HEAD_BUFFER = bytearray(65536)
+_HEAD_VIEW = memoryview(_HEAD_BUFFER)
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
@@ -283,7 +288,7 @@ class UpstreamExchange:
         self.worker.log_access(conn, request, failure.status, len(data), self, None)
         return False
 
-    def _read_head(self, request, buffer, view):
+    def _read_head(self, request, buffer=_HEAD_BUFFER, view=_HEAD_VIEW):
         """Read until the response head is complete; returns (ResponseHead, bytes read)."""
         sock = self.sock
         response = self.reader
@@ -324,31 +329,25 @@ class UpstreamExchange:
                 raise UpstreamFailed(502, "upstream sent too big header")
 
     def _relay(self, request, force_close) -> bool:
-        worker = self.worker
-        buffer = worker.take_buffer()
-        try:
-            view = memoryview(buffer)
-            response, received, _ = self._read_head_fresh(request, buffer, view)
-            status = response.status
-            if status == 101:
-                # Only finish_upgrade may relay a 101; here it would desynchronise the
-                # client, and the connection must never go back to the pool.
-                raise UpstreamFailed(502, "upstream sent 101 to a request that is not an upgrade")
-            if status in (502, 503, 504):
-                failure = UpstreamFailed(status, f"upstream answered {status}", retryable=True,
-                                         kind=f"http_{status}")
-                if self._may_retry(request, failure):
-                    raise failure
-            return self._relay_body(request, response, received, buffer, view, force_close)
-        finally:
-            worker.give_buffer(buffer)
+        response, received, _ = self._read_head_fresh(request)
+        status = response.status
+        if status == 101:
+            # Only finish_upgrade may relay a 101; here it would desynchronise the
+            # client, and the connection must never go back to the pool.
+            raise UpstreamFailed(502, "upstream sent 101 to a request that is not an upgrade")
+        if status in (502, 503, 504):
+            failure = UpstreamFailed(status, f"upstream answered {status}", retryable=True,
+                                     kind=f"http_{status}")
+            if self._may_retry(request, failure):
+                raise failure
+        return self._relay_body(request, response, received, force_close)
 
-    def _read_head_fresh(self, request, buffer, view):
+    def _read_head_fresh(self, request):
         """``_read_head``, once more on a new connection if a pooled one was stale."""
         if not self.reused:
-            return self._read_head(request, buffer, view)
+            return self._read_head(request)
         try:
-            return self._read_head(request, buffer, view)
+            return self._read_head(request)
         except UpstreamFailed as exc:
             if not exc.retryable or exc.status == 504 or self.body_sent:
                 raise
@@ -357,7 +356,7 @@ class UpstreamExchange:
             self.sock = None
             self.reused = False
             self._reconnect_same()
-            return self._read_head(request, buffer, view)
+            return self._read_head(request)
 
     def _reconnect_same(self):
         pick = self.pick
@@ -366,7 +365,7 @@ class UpstreamExchange:
         except ConnectFailed as exc:
             raise UpstreamFailed(502, str(exc), retryable=True)
 
-    def _relay_body(self, request, response, received, buffer, view, force_close) -> bool:
+    def _relay_body(self, request, response, received, force_close) -> bool:
         conn = self.conn
         status = response.status
         head_only = request.method == "HEAD" or status in (204, 304)
@@ -406,11 +405,18 @@ class UpstreamExchange:
             return self._done(request, response, keep_client, sent + len(body))
         self._send_client(out)
         sent += len(body)
-        if length is not None and not chunked_up:
-            remaining = int(length) - len(body)
-            return self._copy_counted(request, response, remaining, buffer, view,
-                                      keep_client, sent)
-        return self._copy_parsed(request, response, rechunk, buffer, view, keep_client, sent)
+        # The rest of the body: a buffer of our own, since a send may wait with bytes in it.
+        worker = self.worker
+        buffer = worker.take_buffer()
+        try:
+            if length is not None and not chunked_up:
+                remaining = int(length) - len(body)
+                return self._copy_counted(request, response, remaining, buffer,
+                                          memoryview(buffer), keep_client, sent)
+            return self._copy_parsed(request, response, rechunk, buffer, memoryview(buffer),
+                                     keep_client, sent)
+        finally:
+            worker.give_buffer(buffer)
 
     def _copy_counted(self, request, response, remaining, buffer, view, keep_client, sent):
         """A Content-Length body: copy exactly ``remaining`` bytes, no parsing."""
@@ -513,28 +519,22 @@ class UpstreamExchange:
         """Relay the backend's answer to an upgrade; True when a tunnel took over."""
         from workers.tunnel import start_tunnel
         worker = self.worker
-        buffer = worker.take_buffer()
-        try:
-            while True:
-                if self.failure is not None:
-                    self._answer_failure(request)
-                    return False
-                try:
-                    response, received, backend_pending = self._read_head_fresh(
-                        request, buffer, memoryview(buffer))
-                    break
-                except UpstreamFailed as exc:
-                    # As for plain requests: another server when proxy_next_upstream allows.
-                    self._release(failed=True, reusable=False)
-                    self.failure = exc
-                    if exc.retryable and self._may_retry(request, exc):
-                        self.failure = None
-                        self._connect_and_send()
-            if backend_pending is None or response.status != 101:
-                return self._relay_body(request, response, received, buffer,
-                                        memoryview(buffer), False) and False
-        finally:
-            worker.give_buffer(buffer)
+        while True:
+            if self.failure is not None:
+                self._answer_failure(request)
+                return False
+            try:
+                response, received, backend_pending = self._read_head_fresh(request)
+                break
+            except UpstreamFailed as exc:
+                # As for plain requests: another server when proxy_next_upstream allows.
+                self._release(failed=True, reusable=False)
+                self.failure = exc
+                if exc.retryable and self._may_retry(request, exc):
+                    self.failure = None
+                    self._connect_and_send()
+        if backend_pending is None or response.status != 101:
+            return self._relay_body(request, response, received, False) and False
         pick = self.pick
         extra = self.balancer.response_headers(pick, request, response.headers)
         head = render_response_head(response, b"", extra, None, upgrade=True)
