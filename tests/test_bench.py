@@ -5,6 +5,7 @@ import importlib.machinery
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -181,3 +182,23 @@ def test_quick_real_run(tmp_path):
     workdir = d["meta"]["workdir"]
     assert not os.path.exists(workdir)  # cleaned up
     assert not [l for l in os.popen("ps -eo args").read().splitlines() if workdir in l]
+
+
+def test_bench_path_measures_both_modes():
+    """scripts/bench_path.py drives real requests through the worker's code (a broken
+    path raises in its clients) and reports a positive per-request cost."""
+    script = os.path.join(ROOT, "scripts", "bench_path.py")
+    for extra in ([], ["--new-conn"]):
+        out = subprocess.run([sys.executable, script, "--requests", "300", "--conns", "4",
+                              "--reps", "1", *extra], capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        direct, through = (float(x) for x in
+                           re.findall(r"([\d.]+) us/req", out.stdout)[:2])
+        assert 0 < direct < through, out.stdout
+    out = subprocess.run([sys.executable, script, "--opcodes", "--requests", "200",
+                          "--conns", "4"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    path = int(re.search(r"mplb path (\d+) bytecodes/req", out.stdout).group(1))
+    assert path > 100, out.stdout            # the proxy path runs real Python code
+    assert "on_header (http.py" in out.stdout
