@@ -8,6 +8,9 @@ Run as ``python tests/backend_server.py --port P --name NAME``.  Endpoints:
 - ``/chunked/N``: N bytes in chunks of 1000 (Transfer-Encoding: chunked)
 - ``/slow/SECONDS``: waits, then answers
 - ``/truncate``: promises 1000 bytes, sends 10, closes
+- ``/truncate-big``: promises 4 MiB, sends 600 KiB of ``pattern``, closes
+- ``/pattern/N``: N bytes of ``pattern(N)`` (every 8-byte word numbers its offset, so a
+  lost, repeated or reordered piece shows)
 - ``/garbage``: answers with bytes that are not HTTP
 - ``/hop``: a response full of hop-by-hop headers (and ``X-Kept: yes``)
 - ``/fake-101``: answers 101 Switching Protocols to a plain request
@@ -29,6 +32,7 @@ monkey.patch_all()
 import gevent  # noqa: E402
 from gevent.pywsgi import WSGIServer  # noqa: E402
 from geventwebsocket.handler import WebSocketHandler  # noqa: E402
+from patterns import pattern  # noqa: E402  (run as a script: tests/ is on sys.path)
 
 
 def make_app(name):
@@ -49,6 +53,10 @@ def make_app(name):
             size = int(parts[1])
             start_response("200 OK", [("Content-Length", str(size)), ("X-Backend", name)])
             return [b"x" * size]
+        if parts[0] == "pattern" and len(parts) > 1:
+            body = pattern(int(parts[1]))
+            start_response("200 OK", [("Content-Length", str(len(body))), ("X-Backend", name)])
+            return [body]
         if parts[0] == "chunked" and len(parts) > 1:
             size = int(parts[1])
             start_response("200 OK", [("X-Backend", name)])
@@ -97,6 +105,11 @@ class RawHandler(WebSocketHandler):
     def handle_one_response(self):
         if self.path == "/truncate":
             self.socket.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789")
+            self.close_connection = True
+            return
+        if self.path == "/truncate-big":
+            self.socket.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4194304\r\n\r\n"
+                                + pattern(600 * 1024))
             self.close_connection = True
             return
         if self.path == "/hop":

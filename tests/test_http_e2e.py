@@ -11,6 +11,7 @@ import pytest
 
 from tests.harness import (Backend, Mplb, RawConnection, free_port, get, parse_responses,
                            raw_exchange, wait_for)
+from tests.patterns import pattern
 
 
 class Env:
@@ -291,6 +292,29 @@ def test_one_mib_response_intact(env):
     assert response.status == 200
     assert response.header("content-length") == "1048576"
     assert response.body == b"x" * 1048576
+
+
+def test_large_bodies_spliced_intact_and_connection_reused(env):
+    """Bodies above the splice threshold arrive whole and in order, twice on one
+    keep-alive connection, and the connection serves a small request afterwards."""
+    size = 3 * 1024 * 1024 + 5
+    raw = (b"GET /pattern/%d HTTP/1.1\r\nHost: x\r\n\r\n" % size) * 2 + \
+        b"GET /small HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    data, closed = raw_exchange(env.port, raw)
+    first, second, third = parse_responses(data)
+    for response in (first, second):
+        assert response.status == 200
+        assert response.body == pattern(size)
+    assert third.status == 200 and json.loads(third.body)["path"] == "/small"
+
+
+def test_backend_truncation_of_a_spliced_body_closes_client(env):
+    data, closed = raw_exchange(env.port, b"GET /truncate-big HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert closed, "client connection left open after a truncated response"
+    [response] = parse_responses(data, allow_partial=True)
+    assert response.header("content-length") == "4194304"
+    assert len(response.body) < 4194304
+    assert response.body == pattern(len(response.body))     # what came is intact
 
 
 def test_backend_truncation_closes_client(env):

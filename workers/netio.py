@@ -89,6 +89,22 @@ def wait_readable(sock, timeout) -> None:
             _WAITING.pop(waiter, None)
 
 
+def wait_writable(sock, timeout) -> None:
+    """Park the current greenlet until ``sock`` can take more bytes (see wait_readable)."""
+    hub = sock.hub
+    watcher = sock._write_event
+    waiter = Waiter(hub)
+    watcher.start(waiter.switch, waiter)
+    if _DEADLINES.loop is not hub.loop:
+        _DEADLINES.start(hub)
+    _WAITING[waiter] = _monotonic() + timeout
+    try:
+        waiter.get()
+    finally:
+        watcher.stop()
+        _WAITING.pop(waiter, None)
+
+
 def recv_into(sock, buffer, nbytes=0, timeout=None, wait_first=False) -> int:
     """Read into ``buffer`` from a gevent socket, waiting at most ``timeout`` seconds.
 

@@ -13,6 +13,8 @@ import socket
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
+from workers.bodysplice import SPLICE_BODY_MIN, splice_body
+from workers.bodysplice import available as splice_available
 from workers.headers import HOP_BY_HOP, connection_tokens
 from workers.responses import local_response, reason_phrase
 from workers.netio import recv_into, send_all
@@ -421,6 +423,21 @@ class UpstreamExchange:
     def _copy_counted(self, request, response, remaining, buffer, view, keep_client, sent):
         """A Content-Length body: copy exactly ``remaining`` bytes, no parsing."""
         sock = self.sock
+        client = self.conn.sock
+        if remaining >= SPLICE_BODY_MIN and splice_available(sock, client):
+            result = splice_body(sock, client, remaining, self.settings.proxy_read_timeout,
+                                 self.settings.client_body_timeout)
+            if result is not None:
+                moved, failed = result
+                self.bytes_out += moved
+                sent += moved
+                if failed == "client":
+                    self._release(failed=False, reusable=False)
+                    raise ClientGone()
+                if failed == "upstream":
+                    return self._truncated(request, response, sent)
+                response.complete = True
+                return self._done(request, response, keep_client, sent)
         size = len(buffer)
         timeout = self.settings.proxy_read_timeout
         while remaining > 0:
