@@ -61,8 +61,10 @@ class _Deadlines:
         now = time.monotonic()
         expired = [waiter for waiter, deadline in self.waiting.items() if deadline <= now]
         for waiter in expired:
-            del self.waiting[waiter]
-            waiter.throw(socket.timeout, "timed out")
+            # Throwing runs that greenlet until it blocks again; whatever it does then
+            # may already have resumed and removed a later waiter of this list.
+            if self.waiting.pop(waiter, None) is not None:
+                waiter.throw(socket.timeout, "timed out")
 
 
 _DEADLINES = _Deadlines()
