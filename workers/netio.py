@@ -72,11 +72,8 @@ _WAITING = _DEADLINES.waiting
 _monotonic = time.monotonic
 
 
-def wait_readable(sock, timeout) -> None:
-    """Park the current greenlet until ``sock`` is readable; socket.timeout after
-    ``timeout`` seconds (None: no limit)."""
-    hub = sock.hub
-    watcher = sock._read_event
+def _park(hub, watcher, timeout) -> None:
+    """Wait for ``watcher`` (a socket's read or write event) with an optional deadline."""
     waiter = Waiter(hub)
     watcher.start(waiter.switch, waiter)
     if timeout is not None:
@@ -91,20 +88,15 @@ def wait_readable(sock, timeout) -> None:
             _WAITING.pop(waiter, None)
 
 
+def wait_readable(sock, timeout) -> None:
+    """Park the current greenlet until ``sock`` is readable; socket.timeout after
+    ``timeout`` seconds (None: no limit)."""
+    _park(sock.hub, sock._read_event, timeout)
+
+
 def wait_writable(sock, timeout) -> None:
-    """Park the current greenlet until ``sock`` can take more bytes (see wait_readable)."""
-    hub = sock.hub
-    watcher = sock._write_event
-    waiter = Waiter(hub)
-    watcher.start(waiter.switch, waiter)
-    if _DEADLINES.loop is not hub.loop:
-        _DEADLINES.start(hub)
-    _WAITING[waiter] = _monotonic() + timeout
-    try:
-        waiter.get()
-    finally:
-        watcher.stop()
-        _WAITING.pop(waiter, None)
+    """Park the current greenlet until ``sock`` can take more bytes (as wait_readable)."""
+    _park(sock.hub, sock._write_event, timeout)
 
 
 def recv_into(sock, buffer, nbytes=0, timeout=None, wait_first=False) -> int:
@@ -118,12 +110,12 @@ def recv_into(sock, buffer, nbytes=0, timeout=None, wait_first=False) -> int:
     if type(sock) is _PLAIN:
         raw = sock._sock
         if wait_first:
-            wait_readable(sock, timeout)
+            _park(sock.hub, sock._read_event, timeout)
         while True:
             try:
                 return raw.recv_into(buffer, nbytes)
             except BlockingIOError:
-                wait_readable(sock, timeout)
+                _park(sock.hub, sock._read_event, timeout)
     sock.settimeout(timeout)
     # TLS sockets read nothing when told nbytes=0: pass a size only when there is one.
     return sock.recv_into(buffer, nbytes) if nbytes else sock.recv_into(buffer)
