@@ -46,9 +46,9 @@ def make_request(headers, method="GET", url=b"/a/b?x=1", upgrade=False):
     request.url = url
     request.headers = [(n.encode(), v.encode()) for n, v in headers]
     for name, value in request.headers:      # what the parser callback does per header
-        handler = SPECIAL_REQUEST_HEADERS.get(len(name))
+        handler = SPECIAL_REQUEST_HEADERS.get(name.lower())
         if handler is not None:
-            handler(request, name.lower(), value)
+            handler(request, value)
     request.is_upgrade = upgrade
     request.headers_done = True
     return request

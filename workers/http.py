@@ -38,9 +38,7 @@ _RECV_VIEW = memoryview(_RECV_BUFFER)
 CLOSING_STATUSES = frozenset({400, 408, 413, 414, 417, 431, 500, 502, 504})
 
 
-def _connection_header(request, lname, value):
-    if lname != b"connection":
-        return
+def _connection_header(request, value):
     tokens = connection_tokens(value)
     named = tokens - {b"close", b"keep-alive", b"upgrade"}
     request.connection_named = (request.connection_named or frozenset()) | named
@@ -48,54 +46,42 @@ def _connection_header(request, lname, value):
         request.is_upgrade = True    # confirmed in on_headers_complete
 
 
-def _expect_header(request, lname, value):
-    if lname != b"expect":
-        return
+def _expect_header(request, value):
     if value.lower() != b"100-continue":
         raise BadRequest(417, "unsupported expectation")
     request.expect_continue = True
 
 
-def _transfer_encoding_header(request, lname, value):
-    if lname != b"transfer-encoding":
-        return
+def _transfer_encoding_header(request, value):
     if value.strip().lower() != b"chunked" or request.chunked:
         raise BadRequest(400, "unsupported transfer coding")
     request.chunked = True
 
 
-def _content_length_header(request, lname, value):
-    if lname == b"content-length":
-        request.content_length = int(value)
+def _content_length_header(request, value):
+    request.content_length = int(value)
 
 
-def _host_header(request, lname, value):
-    if lname != b"host":
-        return
+def _host_header(request, value):
     if request.host_seen:
         raise BadRequest(400, "duplicate Host header")   # nginx: 400
     request.host_seen = True
     request.host_value = value
 
 
-def _forwarded_for_header(request, lname, value):
-    if lname == b"x-forwarded-for":
-        previous = request.forwarded_for
-        request.forwarded_for = value if previous is None else previous + b", " + value
+def _forwarded_for_header(request, value):
+    previous = request.forwarded_for
+    request.forwarded_for = value if previous is None else previous + b", " + value
 
 
-# Headers that change how mplb handles a request, keyed by name length so that the
-# common header costs one dict miss.
-SPECIAL_REQUEST_HEADERS = {10: _connection_header, 6: _expect_header,
-                           17: _transfer_encoding_header, 14: _content_length_header,
-                           4: _host_header, 15: _forwarded_for_header}
-# The same handlers by lower-case name: the callback lowercases only names of a
-# special length and calls a handler only for the header it handles.
-SPECIAL_BY_NAME = {b"connection": _connection_header, b"expect": _expect_header,
-                   b"transfer-encoding": _transfer_encoding_header,
-                   b"content-length": _content_length_header, b"host": _host_header,
-                   b"x-forwarded-for": _forwarded_for_header}
-SPECIAL_LENGTHS = frozenset(SPECIAL_REQUEST_HEADERS)
+# Headers that change how mplb handles a request, by lower-case name.  The callback
+# lowercases only names of one of these lengths, so a common header costs one set
+# lookup.
+SPECIAL_REQUEST_HEADERS = {b"connection": _connection_header, b"expect": _expect_header,
+                           b"transfer-encoding": _transfer_encoding_header,
+                           b"content-length": _content_length_header, b"host": _host_header,
+                           b"x-forwarded-for": _forwarded_for_header}
+SPECIAL_LENGTHS = frozenset(len(name) for name in SPECIAL_REQUEST_HEADERS)
 
 
 # One shared string per common method and version instead of a new one per request:
@@ -194,10 +180,9 @@ class ClientConnection:
         if len(headers) > MAX_HEADERS:
             raise BadRequest(431, "too many headers")
         if len(name) in SPECIAL_LENGTHS:
-            lname = name.lower()
-            handler = SPECIAL_BY_NAME.get(lname)
+            handler = SPECIAL_REQUEST_HEADERS.get(name.lower())
             if handler is not None:
-                handler(request, lname, value)
+                handler(request, value)
 
     def on_headers_complete(self):
         request = self.current
