@@ -197,8 +197,9 @@ class UpstreamExchange:
         self.worker.log_access(conn, request, failure.status, len(data), self, None)
         return False
 
-    def _read_head(self, request, buffer=_HEAD_BUFFER, view=_HEAD_VIEW):
+    def _read_head(self, request):
         """Read until the response head is complete; returns (ResponseHead, bytes read)."""
+        buffer, view = _HEAD_BUFFER, _HEAD_VIEW
         sock = self.sock
         response = self.reader
         if response is None:
