@@ -235,15 +235,8 @@ class Balancer:
 
     def _single(self, pool, tried, now) -> Optional[int]:
         """One eligible server and no backup: no weights to turn."""
-        i, hdown, hfails, max_conns = pool[0]
-        q = self.q
-        if (tried and i in tried) or q[hdown]:
-            return None
-        if q[hfails] and self._failed(i, now):
-            return None
-        if max_conns and self.active_total(i) >= max_conns:
-            return None
-        return i
+        i = pool[0][0]
+        return i if self.eligible(i, tried, now) else None
 
     def _smooth_weighted(self, pool, tried, now) -> Optional[int]:
         """nginx's smooth WRR: add weights, take the max, subtract the total from it."""
