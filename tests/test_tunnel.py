@@ -358,27 +358,59 @@ def test_backend_kill_closes_client(harness_factory, keepalive):
         proc.kill()
 
 
-def test_raw_half_close_is_relayed(harness_factory):
+def test_client_eof_passes_its_bytes_on_then_ends_the_tunnel(harness_factory):
+    """SPEC 4: the tunnel ends when either side closes, after passing on what that side
+    sent; the backend sees every byte, then EOF (it is not kept half open)."""
+    received = queue.Queue()
+
     def backend_peer(conn):
         data = b""
+        conn.settimeout(10)
         while True:
             chunk = conn.recv(65536)
             if not chunk:
                 break
             data += chunk
-        conn.sendall(b"got %d" % len(data))
+        received.put(len(data))
+        try:
+            conn.sendall(b"too late")     # the client side is already closed
+        except OSError:
+            pass
         conn.close()
     backend = raw_backend(backend_peer)
     h = harness_factory(backend)
     c = raw_client(h.port)
     c.sendall(b"z" * 300000)
     c.shutdown(socket.SHUT_WR)
-    c.settimeout(5)
-    reply = b""
-    while chunk := c.recv(100):
-        reply += chunk
-    assert reply == b"got 300000"
+    assert received.get(timeout=10) == 300000
     assert h.next_close()["reason"] == "client closed"
+    c.settimeout(5)
+    assert c.recv(100) == b""              # closed by mplb: the late reply never arrives
+    assert h.command("count")["live"] == 0
+
+
+@pytest.mark.parametrize("keepalive", [False, True])
+def test_backend_close_ends_tunnel_while_client_keeps_its_socket(harness_factory, keepalive):
+    """The backend answers and closes; the client keeps its socket open and silent.
+    The tunnel must end at once (nginx does), not linger until the client goes."""
+    def backend_peer(conn):
+        conn.sendall(build_frame(0x1, b"bye", False) + build_frame(0x8, b"\x03\xe8", False))
+        conn.close()
+    backend = raw_backend(backend_peer)
+    h = harness_factory(backend, proxy_websocket_keepalive=keepalive)
+    c = raw_client(h.port)
+    started = time.monotonic()
+    close = h.next_close(5)
+    assert close["reason"] == "backend closed"
+    assert time.monotonic() - started < 2.0
+    assert h.command("count")["live"] == 0
+    c.settimeout(5)
+    data = b""
+    while chunk := c.recv(65536):
+        data += chunk
+    # The backend's frames arrive whole and nothing is added after its own Close.
+    assert data == build_frame(0x1, b"bye", False) + build_frame(0x8, b"\x03\xe8", False)
+    c.close()
 
 
 def test_close_all_tunnels_sends_1001(harness_factory):

@@ -6,7 +6,12 @@ reads go into ONE buffer shared by every tunnel of the worker (callbacks run one
 time) and are sent on at once.  Only when a peer's send would block is the unsent tail
 kept (bounded by the read size) and the other side's reading paused (backpressure)
 until it drains.  One periodic sweep timer per worker handles idle/send timeouts,
-keepalive pings and half-close lingering for all tunnels.
+keepalive pings and flushing of a tunnel that is ending for all tunnels.
+
+A tunnel ends as soon as either side closes or resets (nginx does the same): the bytes
+already read from that side are passed on, then both sockets close and the tunnel's
+accounting is released at once.  A client that keeps its socket open after the backend
+closed never keeps a tunnel, its counters or a graceful stop alive.
 
 With keepalive off the tunnel never parses frames; with it on, workers.wsframes
 tracks frame boundaries so mplb can inject Ping/Close frames between frames.
@@ -30,7 +35,6 @@ log = logging.getLogger("mplb.tunnel")
 READ, WRITE = 1, 2
 BUF_SIZE = 64 * 1024            # one shared read buffer per worker
 READS_PER_WAKEUP = 8            # fairness: at most 8 reads per io callback
-HALF_CLOSE_LINGER = 5.0         # after one EOF, close once the other way is silent this long
 SPLICE_MIN = BUF_SIZE           # a read that fills the buffer marks a flow as bulk
 PIPE_IDLE = 10.0                # an idle bulk flow gives its pipe back after this long
 SPLICE_FLAGS = getattr(os, "SPLICE_F_NONBLOCK", 0) | getattr(os, "SPLICE_F_MOVE", 0)
@@ -126,14 +130,13 @@ class _End:
 class _Flow:
     """One direction: bytes read from `src` go to `dst`."""
 
-    __slots__ = ("src", "dst", "tail", "eof", "shut", "stall", "tracker", "pipe",
+    __slots__ = ("src", "dst", "tail", "eof", "stall", "tracker", "pipe",
                  "inpipe", "pipe_used", "splice")
 
     def __init__(self, src, dst, tracker, splice):
         self.src, self.dst = src, dst
         self.tail = None              # unsent bytes waiting for dst to drain
         self.eof = False              # src sent EOF (or failed)
-        self.shut = False             # dst got shutdown(SHUT_WR)
         self.stall = 0.0              # when the pending write last made progress
         self.tracker = tracker
         self.splice = splice          # allowed to use a pipe for bulk moves
@@ -149,7 +152,7 @@ class Tunnel:
     """A live upgrade tunnel; see module docstring."""
 
     __slots__ = ("client", "backend", "up", "down", "settings", "on_close", "closed",
-                 "reason", "backend_failed", "framing", "half_at", "seq", "__weakref__")
+                 "reason", "backend_failed", "framing", "ending", "seq", "__weakref__")
 
     def __init__(self, client_sock, backend_sock, settings, on_close, use_splice,
                  framing=None):
@@ -169,7 +172,7 @@ class Tunnel:
         self.closed = False
         self.reason = None
         self.backend_failed = False
-        self.half_at = 0.0
+        self.ending = False           # one side closed: flushing toward the other, then close
         self.seq = 0
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -224,7 +227,7 @@ class Tunnel:
 
     # ---- handover to another worker (reload) ---------------------------------------------
     def movable(self) -> bool:
-        return (not self.closed and not self.half_at and self.client.ssl is None
+        return (not self.closed and not self.ending and self.client.ssl is None
                 and self.backend.ssl is None)
 
     def export(self):
@@ -271,7 +274,7 @@ class Tunnel:
 
     def _say_close(self, flow, code, best_effort):
         """Send Close(code) toward flow.dst only between frames (or best effort if unparsed)."""
-        if flow.blocked() or flow.shut:
+        if flow.blocked():
             return
         if flow.tracker is not None:
             if flow.tracker.close_seen or not flow.tracker.at_boundary():
@@ -284,12 +287,23 @@ class Tunnel:
             pass
 
     def _fail(self, end, exc) -> None:
+        """Writing to ``end`` failed: nothing more can reach it, close at once."""
         log.debug("tunnel %s error: %s", end.name, exc)
         if end is self.backend:
             self.close("backend error", code=CLOSE_GOING_AWAY if self.framing else None,
                        backend_failed=True)
         else:
             self.close("client error")
+
+    def _read_failed(self, flow, exc) -> None:
+        """Reading ``flow.src`` failed (a reset): end like an EOF, still passing on what
+        was read from it before."""
+        log.debug("tunnel %s error: %s", flow.src.name, exc)
+        if self.reason is None:
+            self.reason = "backend error" if flow.src is self.backend else "client error"
+        if flow.src is self.backend:
+            self.backend_failed = True
+        self._on_eof(flow)
 
     # ---- io callbacks ----------------------------------------------------------------
     def _on_client(self, revents):
@@ -327,7 +341,7 @@ class Tunnel:
         except _WOULD_BLOCK:
             return
         except OSError as exc:
-            return self._fail(src, exc)
+            return self._read_failed(flow, exc)
         if n == 0:
             self._on_eof(flow)
             if not self.closed:
@@ -388,7 +402,7 @@ class Tunnel:
             except _WOULD_BLOCK:
                 break
             except OSError as exc:
-                return self._fail(src, exc)
+                return self._read_failed(flow, exc)
             if n == 0:
                 return self._on_eof(flow)
             src.rx += n
@@ -465,7 +479,7 @@ class Tunnel:
         except _WOULD_BLOCK:
             return False
         except OSError as exc:
-            self._fail(src, exc)
+            self._read_failed(flow, exc)
             return False
         if n == 0:
             self._on_eof(flow)
@@ -486,27 +500,25 @@ class Tunnel:
             return False
         return True
 
-    # ---- half-close, keepalive, timeouts -----------------------------------------------
+    # ---- the end, keepalive, timeouts --------------------------------------------------
     def _on_eof(self, flow) -> None:
+        """``flow.src`` closed (or reset): finish passing on its bytes, then end."""
         flow.eof = True
+        self.ending = True
         if self.reason is None:
             self.reason = "client closed" if flow.src is self.client else "backend closed"
-        if not self.half_at:
-            self.half_at = time.monotonic()
         if not flow.blocked():
             self._finish(flow)
 
     def _finish(self, flow) -> None:
-        """src is done and everything reached dst: say goodbye (framing) and send EOF."""
+        """Everything ``flow.src`` sent reached ``flow.dst``: say goodbye and close both.
+
+        With framing, a client whose backend vanished without a Close frame gets
+        Close(1001) between frames; then both sockets close (a FIN each, not a reset).
+        """
         if flow is self.down and self.framing:
             self._say_close(flow, CLOSE_GOING_AWAY, False)
-        try:
-            flow.dst.sock.shutdown(_socket.SHUT_WR)
-        except OSError:
-            pass
-        flow.shut = True
-        if self.up.shut and self.down.shut:
-            self.close(self.reason)
+        self.close(self.reason)
 
     def sweep(self, now: float) -> None:
         """Called by the worker's sweep timer: timeouts, keepalive pings, pipe reclaim."""
@@ -520,11 +532,9 @@ class Tunnel:
                 os.close(flow.pipe[1])
                 flow.pipe = None
         last = max(self.client.last_rx, self.backend.last_rx)
-        if self.half_at and now - last > min(HALF_CLOSE_LINGER, s.proxy_read_timeout):
-            return self.close(self.reason)
-        if now - last > s.proxy_read_timeout:
+        if now - last > s.proxy_read_timeout and not self.ending:
             return self.close("timeout", code=CLOSE_GOING_AWAY if self.framing else None)
-        if not self.framing or self.half_at:
+        if not self.framing or self.ending:
             return
         for end, toward in ((self.client, self.down), (self.backend, self.up)):
             if end.ping_at:
@@ -579,7 +589,7 @@ def _drain_and_close(end) -> None:
 def _period_for(settings) -> float:
     shortest = min(settings.proxy_read_timeout, settings.proxy_send_timeout,
                    settings.proxy_websocket_keepalive_interval
-                   if settings.proxy_websocket_keepalive else 1e9, HALF_CLOSE_LINGER)
+                   if settings.proxy_websocket_keepalive else 1e9)
     return max(0.05, min(1.0, shortest / 4))
 
 
