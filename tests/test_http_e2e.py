@@ -492,5 +492,66 @@ def test_upgrade_to_local_location_is_answered_and_closed(env):
     assert response.status == 200 and response.body == b"hello text"
 
 
+UPGRADE_HEADERS = b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+
+
+@pytest.mark.parametrize("body_head, body", [
+    (b"Content-Length: 3\r\n", b"abc"),
+    (b"Transfer-Encoding: chunked\r\n", b"3\r\nabc\r\n0\r\n\r\n"),
+], ids=["content-length", "chunked"])
+def test_post_with_upgrade_headers_is_plain_http(env, body_head, body):
+    """SPEC 4: not GET, so not an upgrade: the body goes upstream, Upgrade does not, and
+    the pipelined request after it is answered on the same connection."""
+    with RawConnection(env.port, timeout=5) as conn:
+        conn.send(b"POST /x HTTP/1.1\r\nHost: x\r\n" + UPGRADE_HEADERS + body_head + b"\r\n"
+                  + body + b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = json.loads(conn.read_response().body)
+        second = json.loads(conn.read_response().body)
+    assert first["method"] == "POST" and first["path"] == "/x"
+    assert first["body_len"] == 3
+    assert "upgrade" not in first["headers"]
+    assert second["path"] == "/after"
+
+
+def test_post_with_upgrade_headers_body_in_later_packets(env):
+    with RawConnection(env.port, timeout=5) as conn:
+        conn.send(b"POST /x HTTP/1.1\r\nHost: x\r\n" + UPGRADE_HEADERS
+                  + b"Content-Length: 10\r\n\r\n01234")
+        time.sleep(0.05)              # a second packet: the body's end arrives separately
+        conn.send(b"56789")
+        assert json.loads(conn.read_response().body)["body_len"] == 10
+        conn.send(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert json.loads(conn.read_response().body)["path"] == "/next"
+
+
+def test_http10_request_with_upgrade_headers_is_plain_http(env):
+    data, closed = raw_exchange(env.port, b"GET /old HTTP/1.0\r\nHost: x\r\n"
+                                          + UPGRADE_HEADERS + b"\r\n", timeout=5)
+    assert closed
+    [response] = parse_responses(data)
+    assert response.status == 200
+    seen = json.loads(response.body)
+    assert seen["path"] == "/old" and "upgrade" not in seen["headers"]
+
+
+def test_request_pipelined_before_an_upgrade_is_answered_first(env):
+    from tests.harness import RawWebSocket
+    ws = RawWebSocket(env.port, path="/ws", timeout=5)
+    ws.close()
+    key = b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+    with RawConnection(env.port, timeout=5) as conn:
+        conn.send(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n"
+                  b"GET /ws HTTP/1.1\r\nHost: x\r\n" + UPGRADE_HEADERS + key + b"\r\n")
+        assert json.loads(conn.read_response().body)["path"] == "/first"
+        assert conn.read_response().status == 101
+
+
+def test_connect_is_refused_and_closed(env):
+    data, closed = raw_exchange(env.port, b"CONNECT example.com:443 HTTP/1.1\r\n"
+                                          b"Host: example.com:443\r\n\r\n", timeout=5)
+    assert closed
+    assert parse_responses(data)[0].status == 405
+
+
 def test_workers_unchanged(env):
     wait_for(lambda: sorted(env.mplb.worker_pids()) == env.pids, timeout=5)

@@ -269,7 +269,7 @@ class ClientConnection:
             try:
                 self.parser.feed_data(view[:count])
             except HttpParserUpgrade as upgrade:
-                self._start_upgrade(bytes(view[upgrade.args[0]:count]))
+                self._on_parser_upgrade(bytes(view[upgrade.args[0]:count]))
                 if self.handed_off:
                     return
                 continue
@@ -391,17 +391,52 @@ class ClientConnection:
         return self.served + 1 < settings.keepalive_requests
 
     # -- upgrades ------------------------------------------------------------
-    def _start_upgrade(self, client_pending):
-        """llhttp paused at an upgrade head: tunnel it, or serve what came back."""
+    def _on_parser_upgrade(self, rest):
+        """llhttp paused after a head with Upgrade and Connection: upgrade (or CONNECT).
+
+        ``rest`` holds the bytes after that head.  Requests pipelined before it are
+        answered first, in order.  Then it is a tunnel if it is an upgrade by mplb's
+        rule (GET, HTTP/1.1), and plain HTTP otherwise: its body (which llhttp did not
+        parse) and any later requests are read on, and the connection stays usable.
+        """
+        request = self.current
+        while self.queue and self.queue[0] is not request:
+            self._process_one(self.queue[0])
         if not self.queue:
             raise CloseConnection()
-        request = self.queue[0]
+        if request.method == "CONNECT":
+            LocalAnswer(self, 405).finish(request, force_close=True)
+            raise CloseConnection()      # what follows a CONNECT head is not HTTP
+        if request.is_upgrade:
+            self._start_upgrade(request, rest)
+        else:
+            self._resume_plain(request, rest)
+
+    def _resume_plain(self, request, rest):
+        """Carry on after a request that carried upgrade headers but is plain HTTP.
+
+        llhttp reported it complete without reading its body; a fresh parser, primed
+        with a head that has only the body's framing, reads the body into ``request``
+        (through :class:`_BodyAfterPause`) and then parses what follows as usual.
+        """
+        if request.content_length or request.chunked:
+            request.complete = False
+            self.parser = httptools.HttpRequestParser(_BodyAfterPause(self, request))
+            framing = (b"Transfer-Encoding: chunked" if request.chunked
+                       else b"Content-Length: %d" % request.content_length)
+            self.parser.feed_data(b"POST / HTTP/1.1\r\n" + framing + b"\r\n\r\n")
+        else:
+            self.parser = httptools.HttpRequestParser(self)
+        self._feed_pending(rest)
+
+    def _start_upgrade(self, request, client_pending):
+        """Tunnel an upgrade request, or serve what the backend answered instead."""
         request.complete = True
         if self.exchange is None:
             # The parser stopped at the head before _process ran: route it now.
             self.exchange = self._begin(request)
-        if not request.is_upgrade or not isinstance(self.exchange, UpstreamExchange):
-            # Not an upgrade by mplb's rule (or answered locally): answer and close.
+        if not isinstance(self.exchange, UpstreamExchange):
+            # Answered by mplb itself (an error, return, status): answer and close.
             self.exchange.finish(request, force_close=True)
             raise CloseConnection()
         exchange = self.exchange
@@ -421,11 +456,11 @@ class ClientConnection:
             self._feed_pending(client_pending)
 
     def _feed_pending(self, data):
-        """Feed bytes that followed a refused upgrade, with _serve's error handling."""
+        """Feed bytes that followed a paused head, with _serve's error handling."""
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as upgrade:
-            self._start_upgrade(data[upgrade.args[0]:])
+            self._on_parser_upgrade(data[upgrade.args[0]:])
             return
         except HttpParserCallbackError as exc:
             error = exc.__context__
@@ -435,6 +470,46 @@ class ClientConnection:
             self._fail_parse(400)
             raise CloseConnection()
         self._process()
+
+
+class _BodyAfterPause:
+    """Parser callbacks after a paused plain request: its body first, then as usual.
+
+    The parser they serve was primed with a synthetic head (the paused request's body
+    framing only); its head callbacks are swallowed, the body goes to the paused
+    request, and from the next message on every callback is the connection's own.
+    Only a connection that sent such a request ever pays for this indirection.
+    """
+
+    def __init__(self, conn, request):
+        self.conn = conn
+        self.request = request          # None once its body is complete
+
+    def on_message_begin(self):
+        if self.request is None:
+            self.conn.on_message_begin()
+
+    def on_url(self, url):
+        if self.request is None:
+            self.conn.on_url(url)
+
+    def on_header(self, name, value):
+        if self.request is None:
+            self.conn.on_header(name, value)
+
+    def on_headers_complete(self):
+        if self.request is None:
+            self.conn.on_headers_complete()
+
+    def on_body(self, body):
+        self.conn.on_body(body)          # conn.current is the paused request until its end
+
+    def on_message_complete(self):
+        if self.request is None:
+            self.conn.on_message_complete()
+        else:
+            self.request.complete = True
+            self.request = None
 
 
 class LocalAnswer:
