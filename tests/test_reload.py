@@ -249,6 +249,7 @@ def test_usr1_reopens_logs_and_access_log_lines(backends, tmp_path):
                 wait_ports=[port])
     try:
         assert backend_of(port, "/first") == "r0"
+        assert backend_of(port, "/slow/0.3") == "r0"
         conn = _open_tunnels(port, 1)[0]
         conn.send("hello")
         assert conn.recv() == "hello"
@@ -261,6 +262,11 @@ def test_usr1_reopens_logs_and_access_log_lines(backends, tmp_path):
         assert " 200 " in first and f"upstream=127.0.0.1:{backends[0].port}" in first
         tunnel = [line for line in lines if "tunnel_time=" in line][0]
         assert '"GET /ws HTTP/1.1" 101' in tunnel and "bytes_in=" in tunnel
+        # Times are measured on one monotonic clock: never negative, and real.
+        times = {line.split('"')[1]: float(line.split("_time=")[1].split()[0])
+                 for line in lines}
+        assert all(value >= 0 for value in times.values()), times
+        assert times["GET /slow/0.3 HTTP/1.1"] >= 0.3
         os.rename(access, tmp_path / "access.log.1")
         os.rename(tmp_path / "error.log", tmp_path / "error.log.1")
         os.kill(mplb.pid, signal.SIGUSR1)

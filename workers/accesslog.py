@@ -1,6 +1,9 @@
 """The access log: nginx's combined format plus upstream address, status and time.
 
 One line per request, and one line per tunnel when it ends (its duration and bytes).
+Durations come from the monotonic clock alone (CLOCK_MONOTONIC is one clock for every
+process of the host, so a tunnel handed to another worker keeps its start), never
+from the wall clock, which can step backwards.
 Lines are buffered per worker and flushed at least once a second and at exit.
 """
 from __future__ import annotations
@@ -48,7 +51,7 @@ class AccessLog:
         referer = _quote(request.header("referer") or "-")
         agent = _quote(request.header("user-agent") or "-")
         upstream = server.hostport if server is not None else "-"
-        elapsed = time.monotonic() - getattr(conn, "request_started", time.monotonic())
+        elapsed = time.monotonic() - request.started
         self._write(f'{self._prefix(conn, request)} {status} {sent} "{referer}" "{agent}" '
                     f'upstream={upstream} upstream_status={upstream_status or "-"} '
                     f'request_time={elapsed:.3f}\n')

@@ -6,6 +6,7 @@ balancing or a ``proxy_set_header`` template actually asks for.
 from __future__ import annotations
 
 import re
+import time
 from urllib.parse import unquote
 
 from workers.uri import normalize_path
@@ -14,6 +15,7 @@ from workers.uri import normalize_path
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")     # '%' not followed by two hex digits
 
 
+_monotonic = time.monotonic
 HOST_CACHE_SIZE = 256
 _HOSTS = {}                  # raw Host header -> $host (bounded: cleared when full)
 
@@ -65,6 +67,7 @@ class Request:
 
     def __init__(self, conn):
         self.conn = conn               # the ClientConnection (addresses, scheme)
+        self.started = _monotonic()    # $request_time counts from the first byte parsed
         self.headers = []              # [(name bytes, value bytes)] as received
         self.body_chunks = []
 

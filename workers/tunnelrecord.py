@@ -41,7 +41,7 @@ class TunnelRecord:
                    client=(conn.client_ip, conn.client_port), method=request.method,
                    url=request.url.decode("latin-1"), version=request.version,
                    host=request.host, user_agent=request.header("user-agent") or "",
-                   opened=time.time(), bytes_in=bytes_in, bytes_out=bytes_out)
+                   opened=time.monotonic(), bytes_in=bytes_in, bytes_out=bytes_out)
 
     @classmethod
     def from_state(cls, worker, pick, balancer, holds_capacity, state):

@@ -189,7 +189,7 @@ class Worker:
         log.debug("tunnel client=%s:%s server=%s closed: %s", *record.client,
                   server.hostport, reason)
         if self.access_log.enabled:
-            self.access_log.tunnel_line(record, server, time.time() - record.opened,
+            self.access_log.tunnel_line(record, server, time.monotonic() - record.opened,
                                         record.bytes_in + tunnel_in,
                                         record.bytes_out + tunnel_out)
 
