@@ -11,6 +11,13 @@ Counters live in the shared segment (mplb.shm.SharedState) so least_connections 
 max_conns see every worker; with ``shared=None`` (unit tests, single process) a
 :class:`LocalState` with the same layout in private memory stands in.
 
+The rotation is shared too: one position word per upstream in the segment, so a
+handful of requests spread over several workers still rotates over the servers (each
+worker keeping its own position would send the first request of every worker to the
+same server).  Weighted round robin walks a precomputed smooth sequence (nginx's
+algorithm, so over any window of sum(weights) picks each server gets exactly its
+share, interleaved) at that shared position; least_connections breaks ties from it.
+
 Hot path: the balancer resolves every shared-memory word it touches once, at init (this
 worker's active counter, each server's health words, where its per-worker active counters
 start), so a pick reads a few words of ``q`` directly.  The clock is read only when a
@@ -19,6 +26,7 @@ all workers are summed only for least_connections and servers with ``max_conns``
 """
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import time
@@ -31,6 +39,7 @@ from mplb.shmtable import private_table
 METHODS = ("weighted_round_robin", "round_robin", "least_connections")
 METHOD_ALIASES = {"least_conn": "least_connections"}
 EMPTY = frozenset()
+MAX_SEQUENCE = 8192          # longest precomputed rotation; larger weight sums are scaled
 
 
 class Pick:
@@ -57,7 +66,8 @@ class LocalState(SharedState):
         header, total = segment_layout(max_workers, max_servers, 16, 4)
         mm = mmap.mmap(-1, total)
         mm[:len(header)] = header
-        super().__init__(None, None, mm, True)
+        super().__init__(None, None, mm, True, salt=os.urandom(16), secret=os.urandom(32))
+        self.allocating = True
         for slot in range(max_workers):
             self.worker_started(slot, os.getpid(), 0)
 
@@ -97,8 +107,6 @@ class Balancer:
         else:
             self.weights = tuple(max(1, s.weight) for s in servers)
         self._resolve_words()
-        self.current = [0] * len(servers)         # smooth WRR current weights
-        self.cursor = 0                            # least_connections tie rotation
         self.persistence = None
         if upstream.persistence.kind != "none":
             from mplb.persistence import make_persistence
@@ -124,11 +132,21 @@ class Balancer:
         def pool(indexes):                         # configured-down servers never qualify
             return tuple((i, self._hdown[i], self._hfails[i], self._max_conns[i])
                          for i in indexes if not servers[i].down)
-        self._pools = (pool(self.primary), pool(self.backup))
+
+        def rotation(entries):                     # the pool in smooth WRR order
+            order = smooth_sequence([self.weights[i] for i, _, _, _ in entries])
+            return tuple(entries[k] for k in order)
+        self._position = state.upstream_word(self.upstream.name)
         self._summer_slots = -1
         self._summer_fns = ()
-        self._method = (self._least_connections if self.method == "least_connections"
-                        else self._smooth_weighted)
+        # Per tier (primary, backup), what the method walks: the servers themselves for
+        # least_connections, their smooth sequence for the round robins.
+        if self.method == "least_connections":
+            self._method = self._least_connections
+            self._pools = (pool(self.primary), pool(self.backup))
+        else:
+            self._method = self._rotate
+            self._pools = (rotation(pool(self.primary)), rotation(pool(self.backup)))
         if len(self._pools[0]) == 1 and not self._pools[1]:
             self._method = self._single         # every method picks the only server
 
@@ -238,37 +256,35 @@ class Balancer:
         i = pool[0][0]
         return i if self.eligible(i, tried, now) else None
 
-    def _smooth_weighted(self, pool, tried, now) -> Optional[int]:
-        """nginx's smooth WRR: add weights, take the max, subtract the total from it."""
-        q, current, weights = self.q, self.current, self.weights
-        sums = self._summer_fns if q[SLOTS_USED] == self._summer_slots else self._summers()
-        total = 0
-        best = -1
-        best_weight = 0
-        for i, hdown, hfails, max_conns in pool:
-            if (tried and i in tried) or q[hdown]:
-                continue
-            if q[hfails] and self._failed(i, now):
-                continue
-            if max_conns and sums[i](q) >= max_conns:
-                continue
-            w = weights[i]
-            cw = current[i] + w
-            current[i] = cw
-            total += w
-            if best < 0 or cw > best_weight:
-                best, best_weight = i, cw
-        if best < 0:
+    def _rotate(self, sequence, tried, now) -> Optional[int]:
+        """The next eligible server of a tier's smooth sequence, from the shared turn."""
+        q, position = self.q, self._position
+        n = len(sequence)
+        if not n:
             return None
-        current[best] = best_weight - total
-        return best
+        turn = q[position]
+        i, hdown, hfails, max_conns = sequence[turn % n]
+        if not ((tried and i in tried) or q[hdown] or (q[hfails] and self._failed(i, now))
+                or (max_conns and self.active_total(i) >= max_conns)):
+            q[position] = turn + 1
+            return i
+        verdict = {i: False}                  # ineligible servers are skipped, in order
+        for step in range(1, n):
+            i = sequence[(turn + step) % n][0]
+            ok = verdict.get(i)
+            if ok is None:
+                ok = verdict[i] = self.eligible(i, tried, now)
+            if ok:
+                q[position] = turn + step + 1
+                return i
+        return None
 
     def _least_connections(self, pool, tried, now) -> Optional[int]:
         """Fewest active/weight across all workers; ties rotate round robin."""
         q, weights = self.q, self.weights
         sums = self._summer_fns if q[SLOTS_USED] == self._summer_slots else self._summers()
         n = len(self.servers)
-        cursor = self.cursor
+        cursor = q[self._position] % n
         best = -1
         best_active = best_weight = best_turn = 0
         for i, hdown, hfails, max_conns in pool:
@@ -290,8 +306,35 @@ class Balancer:
                 best, best_active, best_weight, best_turn = i, active, weight, turn
         if best < 0:
             return None
-        self.cursor = best + 1
+        q[self._position] = best + 1
         return best
+
+
+def smooth_sequence(weights) -> list:
+    """Positions of ``weights`` in nginx's smooth weighted round robin order, one period.
+
+    Weights are divided by their greatest common divisor; a period longer than
+    MAX_SEQUENCE picks is scaled down to it (each server keeps at least one turn).
+    """
+    if not weights:
+        return []
+    divisor = math.gcd(*weights)
+    weights = [w // divisor for w in weights]
+    total = sum(weights)
+    if total > MAX_SEQUENCE:
+        weights = [max(1, w * MAX_SEQUENCE // total) for w in weights]
+        total = sum(weights)
+    current = [0] * len(weights)
+    out = []
+    for _ in range(total):
+        best = 0
+        for k, w in enumerate(weights):
+            current[k] += w
+            if current[k] > current[best]:
+                best = k
+        current[best] -= total
+        out.append(best)
+    return out
 
 
 def word_sum(base: int, stride: int, count: int) -> Callable:

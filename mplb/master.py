@@ -4,9 +4,18 @@ The master never imports gevent and never proxies.  Signal handlers only record 
 signal; ``signal.set_wakeup_fd`` wakes the loop, which dispatches each signal to one
 small ``handle_<name>`` method.  Each pass of the loop also reads heartbeats, reaps
 dead workers, kills silent ones and starts missing ones.
+
+Generations: every reload forks a new generation, numbered one above the highest
+number ever given (numbers only grow, a rolled-back generation's included, so a
+leftover worker can never pass for a newer one).  A reload in flight is one
+:class:`Reload` record until its workers report ready (then the old generation
+retires) or fail (then the new one retires and the old keeps serving).  Each running
+generation's configuration is kept until its last worker exits; then whatever of
+the shared segment no running generation uses is reclaimed.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -15,7 +24,7 @@ import signal
 import socket
 import time
 
-from mplb import logs
+from mplb import logs, reservation
 from mplb.errors import ConfigError, StartupError
 
 log = logging.getLogger("mplb.master")
@@ -25,6 +34,18 @@ FAST_STOP_GRACE = 1.5        # TERM/INT: seconds before survivors get SIGKILL
 RELOAD_READY_TIMEOUT = 15.0  # a new generation must report ready within this
 EXIT_BOOT_FAILURE = 3        # mirrors workers.worker.EXIT_BOOT_FAILURE
 SIGNALS = ("HUP", "QUIT", "TERM", "INT", "USR1", "TTIN", "TTOU", "CHLD")
+
+
+class ProcessOps:
+    """The master's only contact with other processes; tests drive it with a fake."""
+
+    @staticmethod
+    def fork(master, slot, number):
+        from mplb.workerboot import fork_worker
+        return fork_worker(master, slot, number)
+
+    kill = staticmethod(os.kill)
+    waitpid = staticmethod(os.waitpid)
 
 
 class WorkerProcess:
@@ -42,28 +63,52 @@ class WorkerProcess:
         self.kill_sent = None
 
 
+@dataclasses.dataclass
+class Serving:
+    """What a generation serves with: its number, configuration and listen sockets."""
+
+    generation: int
+    config: object
+    sockets: dict
+
+
+@dataclasses.dataclass
+class Reload:
+    """A reload in flight: the generation it started and what serves until it is ready."""
+
+    new: Serving
+    previous: Serving
+    old_workers: list
+    deadline: float
+
+
 class Master:
     """Owns the listen sockets, the shared segment and the worker processes."""
 
     def __init__(self, config, config_path, verbose=False, workers_override=None,
-                 pid_file=None, shm_dir="/dev/shm"):
+                 pid_file=None, shm_dir="/dev/shm", ops=None):
         self.config = config
         self.config_path = config_path
         self.verbose = verbose
         self.workers_override = workers_override
         self.pid_file = pid_file or config.pid
         self.shm_dir = shm_dir
+        self.ops = ops or ProcessOps()
         self.sockets = {}               # listen key -> (socket, Listen)
         self.workers = {}               # pid -> WorkerProcess
-        self.generation = 1
+        self.generation = 1             # the generation new workers join
+        self.last_generation = 1        # the highest number ever given
+        self.configs = {1: config}      # generation -> config, while it may have workers
         self.pending_signals = []
         self.stopping = None            # None, 'fast' or 'graceful'
         self.shared = None
         self.health = None
         self.selector = None
+        self.wakeup_read = None
         self.boot_failed = False
-        self.reload = None              # a reload waiting for its new generation to be ready
+        self.reload = None              # a Reload waiting for its new generation
         self.reload_again = False       # HUP arrived during a reload
+        self.slots_exhausted = False    # logged once until a slot frees up
 
     @property
     def worker_count(self):
@@ -72,12 +117,10 @@ class Master:
     # -- start-up ------------------------------------------------------------
     def start(self):
         """Bind, create shared memory, fork workers; raises StartupError."""
-        from setproctitle import setproctitle
-        setproctitle(f"mplb: master process -conf {self.config_path}")
         self.sockets = bind_listens(self.config, {})
         self.shared = self._create_shared()
         self.shared.set_generation(self.generation)
-        register_upstreams(self.config, self.shared)
+        reservation.reserve(self.config, self.shared)
         self._write_pid()
         self._install_signals()
         self._start_health()
@@ -91,10 +134,14 @@ class Master:
         from mplb.shm import SharedState, segment_path
         path = segment_path(os.getpid(), self.shm_dir)
         max_workers = max(64, self.worker_count * 4)
+        servers = sum(len(u.servers) for u in self.config.upstreams.values())
         try:
-            # Twice what the tables need now, so a reload can allocate its own tables.
-            entries = 2 * table_entries_for(self.config.upstreams.values()) + 1024
-            return SharedState.create(path, max_workers, table_entries=entries)
+            # Room for a reload to reserve its own servers and tables while the running
+            # generation keeps its own; reclaiming frees the older ones afterwards.
+            # Untouched pool pages cost nothing: tmpfs allocates pages on first use.
+            entries = 4 * table_entries_for(self.config.upstreams.values()) + 65536
+            return SharedState.create(path, max_workers, max_servers=max(1024, 4 * servers),
+                                      table_entries=entries)
         except OSError as exc:
             raise StartupError(f"cannot create shared memory {path}: {exc.strerror}")
 
@@ -127,18 +174,26 @@ class Master:
 
     # -- workers ------------------------------------------------------------------
     def free_slot(self):
+        """The lowest worker slot no live worker holds, or None when all are taken
+        (retiring generations that linger hold theirs)."""
         used = {worker.slot for worker in self.workers.values()}
-        slot = 0
-        while slot in used:
-            slot += 1
-        return slot
+        return next((slot for slot in range(self.shared.max_workers) if slot not in used),
+                    None)
 
     def spawn_worker(self):
-        from mplb.workerboot import fork_worker
+        """Fork one worker of the current generation; None when no slot is free."""
         slot = self.free_slot()
+        if slot is None:
+            if not self.slots_exhausted:
+                log.error("cannot start a worker: all %d worker slots are held by running "
+                          "workers (retiring ones included; see worker_shutdown_timeout)",
+                          self.shared.max_workers)
+            self.slots_exhausted = True
+            return None
+        self.slots_exhausted = False
         number = slot
         self.shared.reset_worker_slot(slot)
-        pid, control = fork_worker(self, slot, number)
+        pid, control = self.ops.fork(self, slot, number)
         worker = WorkerProcess(pid, slot, number, self.generation, control)
         self.workers[pid] = worker
         self.shared.worker_started(slot, pid, self.generation)
@@ -148,30 +203,36 @@ class Master:
         return worker
 
     def reap_workers(self):
+        reaped = False
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status = self.ops.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                break
             if pid == 0:
-                return
+                break
             worker = self.workers.pop(pid, None)
             if worker is None:
                 continue
+            reaped = True
             self._forget(worker)
-            code = os.waitstatus_to_exitcode(status)
-            if code == EXIT_BOOT_FAILURE and self.reload is not None \
-                    and worker.generation == self.generation:
-                log.error("worker process %d of the new configuration failed to boot", pid)
-                self.roll_back_reload()
-            elif code == EXIT_BOOT_FAILURE and not worker.retiring:
-                log.error("worker process %d failed to boot; stopping", pid)
-                self.boot_failed = True
-                self.stopping = self.stopping or "fast"
-            elif not worker.retiring and not self.stopping:
-                log.warning("worker process %d exited with code %s", pid, code)
-            else:
-                log.debug("worker process %d exited with code %s", pid, code)
+            self._report_exit(worker, os.waitstatus_to_exitcode(status))
+        if reaped:
+            self.reclaim_shared()
+
+    def _report_exit(self, worker, code):
+        if code == EXIT_BOOT_FAILURE and self.reload is not None \
+                and worker.generation == self.reload.new.generation:
+            log.error("worker process %d of the new configuration failed to boot", worker.pid)
+            self.roll_back_reload()
+        elif code == EXIT_BOOT_FAILURE and not worker.retiring and not self.stopping:
+            log.error("worker process %d failed to boot; stopping", worker.pid)
+            self.boot_failed = True
+            self.handle_term()
+        elif not worker.retiring and not self.stopping:
+            log.warning("worker process %d exited with code %s", worker.pid, code)
+        else:
+            log.debug("worker process %d exited with code %s", worker.pid, code)
 
     def _forget(self, worker):
         try:
@@ -180,6 +241,18 @@ class Master:
             pass
         worker.control.close()
         self.shared.worker_stopped(worker.slot)
+
+    def reclaim_shared(self):
+        """Give back the shared memory of generations whose last worker has exited."""
+        running = {worker.generation for worker in self.workers.values()}
+        running.add(self.generation)
+        for generation in list(self.configs):
+            if generation not in running:
+                del self.configs[generation]
+        freed = reservation.reclaim(self.shared, self.configs.values())
+        if any(freed.values()):
+            log.debug("shared memory reclaimed: %d server(s), %d table(s), %d upstream(s)",
+                      freed["servers"], freed["tables"], freed["upstreams"])
 
     def read_heartbeats(self, ready):
         for key, _ in ready:
@@ -226,7 +299,8 @@ class Master:
         current = [w for w in self.workers.values()
                    if not w.retiring and w.generation == self.generation]
         for _ in range(self.worker_count - len(current)):
-            self.spawn_worker()
+            if self.spawn_worker() is None:
+                break
         for worker in current[self.worker_count:]:
             self.retire(worker)
 
@@ -234,10 +308,9 @@ class Master:
         worker.retiring = True
         self._signal(worker.pid, signal.SIGQUIT)
 
-    @staticmethod
-    def _signal(pid, signum):
+    def _signal(self, pid, signum):
         try:
-            os.kill(pid, signum)
+            self.ops.kill(pid, signum)
         except ProcessLookupError:
             pass
 
@@ -245,22 +318,26 @@ class Master:
     def run(self):
         """Run until stopped; returns the exit status."""
         try:
-            while True:
-                ready = self.selector.select(timeout=1.0)
-                self.read_heartbeats(ready)
-                while self.pending_signals:
-                    self.dispatch(self.pending_signals.pop(0))
-                self.reap_workers()
-                if self.stopping:
-                    if self._stop_progress():
-                        break
-                    continue
-                self.kill_silent_workers()
-                self.start_missing_workers()
-                self.advance_reload()
+            while not self.run_once(1.0):
+                pass
         finally:
             self.cleanup()
         return 1 if self.boot_failed else 0
+
+    def run_once(self, timeout) -> bool:
+        """One pass: wait up to ``timeout`` for signals or heartbeats, then act on them;
+        True once a stop has finished."""
+        ready = self.selector.select(timeout=timeout)
+        self.read_heartbeats(ready)
+        while self.pending_signals:
+            self.dispatch(self.pending_signals.pop(0))
+        self.reap_workers()
+        if self.stopping:
+            return self._stop_progress()
+        self.kill_silent_workers()
+        self.start_missing_workers()
+        self.advance_reload()
+        return False
 
     def dispatch(self, signum):
         name = signal.Signals(signum).name[3:].lower()
@@ -307,74 +384,87 @@ class Master:
         log.info("worker processes: %d", self.worker_count)
 
     def handle_hup(self):
-        from mplb.config import load
-        log.info("reloading configuration %s", self.config_path)
+        if self.stopping:
+            log.warning("reload ignored: mplb is stopping")
+            return
         if self.reload is not None:
             log.warning("a reload is still in progress; this one follows it")
             self.reload_again = True
             return
+        from mplb.config import load
+        log.info("reloading configuration %s", self.config_path)
         try:
             config = load(self.config_path)
-            register_upstreams(config, self.shared)
+            reservation.reserve(config, self.shared)
             sockets = bind_listens(config, self.sockets)
         except (ConfigError, StartupError) as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
+            self.reclaim_shared()            # what the failed reload reserved
             return
-        self.reload = {
-            "old_workers": [w for w in self.workers.values() if not w.retiring],
-            "previous": (self.config, self.sockets, self.generation),
-            "deadline": time.monotonic() + RELOAD_READY_TIMEOUT,
-        }
-        self.config = config
-        self.sockets = sockets
-        self.generation += 1
+        self.last_generation += 1
+        new = Serving(self.last_generation, config, sockets)
+        self.reload = Reload(new=new, previous=Serving(self.generation, self.config, self.sockets),
+                             old_workers=[w for w in self.workers.values() if not w.retiring],
+                             deadline=time.monotonic() + RELOAD_READY_TIMEOUT)
+        self.generation, self.config, self.sockets = new.generation, config, sockets
+        self.configs[new.generation] = config
         if self.health is not None:
             self.health.update_config(config)
         for _ in range(self.worker_count):
-            self.spawn_worker()
+            if self.spawn_worker() is None:
+                log.error("reload failed: no free worker slot for the new generation")
+                self.roll_back_reload()
+                return
 
     def advance_reload(self):
         """Retire the old generation once every new worker reports it is ready."""
         reload = self.reload
         if reload is None:
             return
-        new = [w for w in self.workers.values() if w.generation == self.generation]
-        if new and all(w.ready for w in new):
-            previous_sockets = reload["previous"][1]
-            for key, (sock, _) in previous_sockets.items():
-                if key not in self.sockets:
-                    sock.close()
-            for worker in reload["old_workers"]:
-                if worker.pid in self.workers:
-                    self.retire(worker)
-            self.shared.set_generation(self.generation)
-            self.shared.count_reload()
-            self.reload = None
-            log.info("reloaded: generation %d serving", self.generation)
-            if self.reload_again:
-                self.reload_again = False
-                self.handle_hup()
-        elif time.monotonic() > reload["deadline"]:
+        new = [w for w in self.workers.values()
+               if w.generation == reload.new.generation and not w.retiring]
+        if len(new) >= self.worker_count and all(w.ready for w in new):
+            self._complete_reload(reload)
+        elif time.monotonic() > reload.deadline:
             log.error("new workers did not become ready within %ss", RELOAD_READY_TIMEOUT)
             self.roll_back_reload()
+
+    def _complete_reload(self, reload):
+        for key, (sock, _) in reload.previous.sockets.items():
+            if key not in self.sockets:
+                sock.close()
+        # Published before the old workers hear QUIT: they hand their tunnels to
+        # workers of exactly this generation.
+        self.shared.set_generation(reload.new.generation)
+        self.shared.count_reload()
+        for worker in reload.old_workers:
+            if worker.pid in self.workers:
+                self.retire(worker)
+        self.reload = None
+        log.info("reloaded: generation %d serving", reload.new.generation)
+        if self.reload_again:
+            self.reload_again = False
+            self.handle_hup()
 
     def roll_back_reload(self):
         """The new generation cannot serve: retire it and keep the old one."""
         reload, self.reload = self.reload, None
         if reload is None:
             return
-        config, sockets, generation = reload["previous"]
+        previous = reload.previous
         for worker in list(self.workers.values()):
-            if worker.generation == self.generation:
+            if worker.generation == reload.new.generation:
                 self.retire(worker)
                 self._signal(worker.pid, signal.SIGTERM)
-        for key, (sock, _) in self.sockets.items():
-            if key not in sockets:
+        for key, (sock, _) in reload.new.sockets.items():
+            if key not in previous.sockets:
                 sock.close()
-        self.config, self.sockets, self.generation = config, sockets, generation
+        self.generation, self.config, self.sockets = (previous.generation, previous.config,
+                                                      previous.sockets)
         if self.health is not None:
-            self.health.update_config(config)
-        log.error("reload rolled back: generation %d keeps serving", generation)
+            self.health.update_config(previous.config)
+        log.error("reload rolled back: generation %d keeps serving", previous.generation)
+        self.reclaim_shared()
 
     def _stop_progress(self) -> bool:
         """True once every worker has exited (or been killed after the fast-stop grace)."""
@@ -390,6 +480,8 @@ class Master:
         for sock, _ in self.sockets.values():
             sock.close()
         self.sockets = {}
+        self.reload = None
+        self.reload_again = False
 
     def cleanup(self):
         for worker in list(self.workers.values()):
@@ -404,17 +496,6 @@ class Master:
                 os.unlink(self.pid_file)
             except OSError:
                 pass
-
-
-def register_upstreams(config, shared):
-    """Register servers and tables before forking, so a full segment fails here, once."""
-    from mplb.balancing import init_upstream
-    from mplb.errors import MplbError
-    try:
-        for upstream in config.upstreams.values():
-            init_upstream(upstream, shared, 0)
-    except MplbError as exc:
-        raise StartupError(str(exc))
 
 
 def bind_listens(config, existing):

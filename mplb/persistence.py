@@ -37,14 +37,25 @@ def make_persistence(balancer, cfg):
     return kinds[cfg.kind](balancer, cfg)
 
 
+def table_spec(upstream):
+    """(name, capacity, ttl) of the shared table ``upstream``'s persistence keeps, or None.
+
+    The name carries the size: a reload that resizes a table starts a new one, and the
+    old one is reclaimed once no worker uses it.
+    """
+    p = upstream.persistence
+    ttl = p.ttl or DEFAULT_TTL.get(p.kind, 3600.0)
+    if p.kind == "ip_hash":
+        return f"{upstream.name}:ip_hash:{p.table_size}", p.table_size, ttl
+    if p.kind == "cookie" and p.learn:
+        return f"{upstream.name}:learn:{p.learn}:{p.table_size}", p.table_size, ttl
+    return None
+
+
 def table_entries_for(upstreams) -> int:
     """Pool entries the shared tables of ``upstreams`` need (master sizes the segment)."""
-    total = 0
-    for upstream in upstreams:
-        p = upstream.persistence
-        if p.kind == "ip_hash" or (p.kind == "cookie" and p.learn):
-            total += p.table_size + 16
-    return total
+    specs = [table_spec(upstream) for upstream in upstreams]
+    return sum(spec[1] + 16 for spec in specs if spec is not None)
 
 
 def cookie_value(header: str, name: str, limit: int):
@@ -120,8 +131,7 @@ class IpHash(_Wrapper):
 
     def __init__(self, balancer, cfg):
         super().__init__(balancer, cfg)
-        name = f"{balancer.upstream.name}:ip_hash:{cfg.table_size}"
-        self.table = balancer.state.table(name, cfg.table_size, self.ttl)
+        self.table = balancer.state.table(*table_spec(balancer.upstream))
 
     @staticmethod
     def key(request) -> bytes:
@@ -194,8 +204,7 @@ class LearnCookie(_Wrapper):
         super().__init__(balancer, cfg)
         self.name = cfg.learn
         self.lname = cfg.learn.lower()
-        table_name = f"{balancer.upstream.name}:learn:{cfg.learn}:{cfg.table_size}"
-        self.table = balancer.state.table(table_name, cfg.table_size, self.ttl)
+        self.table = balancer.state.table(*table_spec(balancer.upstream))
 
     def session(self, request):
         header = request.header("cookie") if request is not None else None

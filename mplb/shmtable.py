@@ -37,8 +37,7 @@ import struct
 ENTRY_WORDS = 5
 GROUP = 16
 STRIPES = 256
-LOCK_GLOBAL = 0                  # lock byte offsets (locks may lie beyond the file end)
-LOCK_HEALTH = 1                  # + stripe
+LOCK_HEALTH = 1                  # + stripe (lock byte offsets may lie beyond the file end)
 LOCK_TABLE = 1 + STRIPES         # + stripe
 TOUCH_US = 1_000_000
 DIGEST_CACHE = 4096              # per-process memo of key -> digest (keys are bounded)
@@ -84,7 +83,7 @@ class ShmTable:
         self.locks = locks
         self.seed = stripe_seed
         self.name = name
-        self._keyed = hashlib.blake2b(digest_size=16, key=salt)
+        self._keyed = hashlib.blake2b(digest_size=16, key=salt or b"")
         self._digests = {}
 
     def digest(self, key: bytes) -> tuple:

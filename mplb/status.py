@@ -52,6 +52,7 @@ def collect(shared, config, now_wall: float = None) -> dict:
             for w in shared.workers()
         ],
         "upstreams": {},
+        "shared_memory": shared.usage(),
     }
     tables = persistence_tables(shared, now)
     if config is None:
@@ -123,13 +124,9 @@ def table_usage(tables: dict, upstream) -> tuple:
     changed the table size an older table of the same upstream may still exist, so the
     one named for the current settings wins when it is there.
     """
-    persistence = upstream.persistence
-    if persistence.kind == "ip_hash":
-        wanted = f"{upstream.name}:ip_hash:{persistence.table_size}"
-    elif persistence.kind == "cookie" and persistence.learn:
-        wanted = f"{upstream.name}:learn:{persistence.learn}:{persistence.table_size}"
-    else:
-        wanted = None
+    from mplb.persistence import table_spec
+    spec = table_spec(upstream)
+    wanted = spec[0] if spec is not None else None
     if wanted in tables:
         info = tables[wanted]
         return info["entries"], info["capacity"]

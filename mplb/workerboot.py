@@ -39,6 +39,7 @@ def fork_worker(master, slot, number):
         if master.selector is not None:
             master.selector.close()
         os.close(master.wakeup_read)
+        master.shared.allocating = False     # workers find what the master reserved
         child_end.setblocking(False)
         from workers.worker import WorkerContext, run_worker
         ctx = WorkerContext(

@@ -54,9 +54,39 @@ def test_wrr_every_window_has_exact_shares(weights):
         assert [window.count(i) for i in range(len(weights))] == weights
 
 
+def test_smooth_sequence_large_weights_are_scaled_not_expanded():
+    from mplb.balancing import MAX_SEQUENCE, smooth_sequence
+    assert smooth_sequence([300, 100]) == [0, 0, 1, 0]            # divided by the gcd
+    order = smooth_sequence([10**6, 3 * 10**6 + 1])
+    assert len(order) <= MAX_SEQUENCE
+    assert abs(order.count(1) / len(order) - 0.75) < 0.01
+
+
 def test_wrr_is_smooth_not_bursty():
     up = Upstream("b", servers=(srv(1, 5), srv(2, 1), srv(3, 1)))
     assert picks(init_upstream(up, None, 0), 7) == [0, 0, 1, 0, 2, 0, 0]
+
+
+def test_rotation_is_shared_by_the_workers(shared):
+    """A handful of requests taken by different workers still rotates over the servers
+    (each worker starting its own rotation at server 0 sent them all to one server)."""
+    up = Upstream("b", servers=(srv(1), srv(2), srv(3)))
+    workers = [init_upstream(up, shared, slot) for slot in range(3)]
+    seen = []
+    for worker in workers:
+        pick = worker.get(None, frozenset())
+        seen.append(pick.index)
+        worker.free(pick, False)
+    assert seen == [0, 1, 2]
+    weighted = Upstream("w", servers=(srv(1, 5), srv(2, 1), srv(3, 1)))
+    workers = [init_upstream(weighted, shared, slot) for slot in range(2)]
+    assert [picks(workers[k % 2], 1)[0] for k in range(7)] == [0, 0, 1, 0, 2, 0, 0]
+
+
+def test_least_connections_ties_rotate_across_workers(shared):
+    up = Upstream("lc", method="least_connections", servers=(srv(1), srv(2), srv(3)))
+    workers = [init_upstream(up, shared, slot) for slot in range(3)]
+    assert [picks(worker, 1)[0] for worker in workers] == [0, 1, 2]
 
 
 def test_round_robin_ignores_weights():
@@ -129,11 +159,11 @@ def test_passive_failure_and_recovery(use_shm, shared):
     assert picks(balancer, 4) == [1, 1, 1, 1]
     assert picks(balancer, 1, frozenset({1})) == [None]
     clock.t += 10.0
-    assert picks(balancer, 2) == [0, 1]                 # success after the window resets
+    assert sorted(picks(balancer, 2)) == [0, 1]         # success after the window resets
     clock.t += 100
     pick = balancer.get(None, frozenset({1}))
     balancer.free(pick, True)                           # one failure: below max_fails
-    assert picks(balancer, 2) == [0, 1]
+    assert sorted(picks(balancer, 2)) == [0, 1]
 
 
 def test_failures_outside_window_do_not_accumulate():

@@ -31,7 +31,11 @@ def test_create_header_readonly_and_unlink(tmp_path):
     state.server_id("http://a:1")
     reader = SharedState.open_readonly(path)
     assert (reader.generation, reader.reloads, reader.server_urls()) == (3, 1, ["http://a:1"])
-    assert reader.secret == state.secret and len(reader.secret) == 32
+    # The secrets stay in process memory: a reader of the file cannot forge cookies.
+    assert reader.secret is None and len(state.secret) == 32 and len(state.salt) == 16
+    with open(path, "rb") as handle:
+        content = handle.read()
+    assert state.secret not in content and state.salt not in content
     with pytest.raises(TypeError):
         reader.q[4] = 0                                  # mapped read-only
     with pytest.raises(KeyError):
@@ -95,6 +99,79 @@ def test_table_pool_exhaustion(shared):
     shared.table("big", 65536, 60)
     with pytest.raises(MplbError):
         shared.table("more", 65536, 60)
+
+
+def test_reclaim_frees_servers_with_their_counters(shared):
+    shared.worker_started(0, 100, 1)
+    old = shared.server_id("http://old:1")
+    shared.count_request(0, "http://old:1")
+    shared.add_active(0, old, 3)
+    shared.set_health(old, False)
+    keep = shared.server_id("http://keep:1")
+    shared.count_request(0, "http://keep:1")
+    assert shared.reclaim({"http://keep:1"}, set(), set()) == {
+        "servers": 1, "tables": 0, "upstreams": 0}
+    assert shared.server_urls() == ["http://keep:1"]
+    assert shared.usage()["servers_used"] == 1
+    new = shared.server_id("http://new:1")             # the freed entry is reused, clean
+    assert new == old
+    assert shared.server_counters("http://new:1")["requests"] == 0
+    assert shared.active_total(new) == 0 and not shared.health_down(new)
+    assert shared.server_counters("http://keep:1")["requests"] == 1
+    assert shared.server_id("http://keep:1") == keep
+
+
+def test_directory_never_fills_when_servers_come_and_go(shared):
+    """16 entries, 200 rounds of 8 fresh servers each: reclaiming keeps it going."""
+    previous = set()
+    for round_ in range(200):
+        current = {f"http://10.{round_ // 250}.{round_ % 250}.{i}:80" for i in range(8)}
+        for url in current:
+            shared.server_id(url)
+        shared.reclaim(current, set(), set())
+        assert set(shared.server_urls()) == current
+        previous = current
+    assert shared.usage()["servers_used"] == len(previous)
+
+
+def test_reclaimed_tables_leave_room_and_come_back_empty(shared):
+    capacity = shared.usage()["table_entries_max"]
+    for size in (capacity // 2, capacity // 3, capacity // 2, capacity // 4):
+        name = f"t:{size}"
+        table = shared.table(name, size, 60)
+        table.put(b"k", 1, 1.0)
+        assert table.get(b"k", 2.0) == 1
+        shared.reclaim(set(), {name}, set())            # only this one remains
+        assert list(shared.tables()) == [name]
+    shared.reclaim(set(), set(), set())
+    assert shared.usage()["table_entries_used"] == 0
+    again = shared.table(f"t:{capacity // 4}", capacity // 4, 60)
+    assert again.get(b"k", 2.0) is None                 # a freed table starts empty
+
+
+def test_upstream_words_are_shared_and_reclaimed(shared):
+    word = shared.upstream_word("app")
+    assert shared.upstream_word("other") != word
+    shared.q[word] = 7
+    assert shared.usage()["upstreams_used"] == 2
+    shared.reclaim(set(), set(), {"app"})
+    assert shared.usage()["upstreams_used"] == 1 and shared.q[word] == 7
+    shared.reclaim(set(), set(), set())
+    assert shared.q[shared.upstream_word("fresh")] == 0
+
+
+def test_workers_find_but_never_reserve(shared):
+    shared.server_id("http://known:1")
+    shared.table("known", 64, 60)
+    shared.allocating = False                           # as in a forked worker
+    assert shared.server_id("http://known:1") == 0
+    assert shared.table("known", 64, 60).capacity == 64
+    for reserve in (lambda: shared.server_id("http://new:1"),
+                    lambda: shared.table("new", 64, 60),
+                    lambda: shared.upstream_word("new"),
+                    lambda: shared.reclaim(set(), set(), set())):
+        with pytest.raises(MplbError):
+            reserve()
 
 
 def test_table_ttl_expiry(shared):
