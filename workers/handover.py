@@ -9,8 +9,9 @@ anything over: the receiver checks the peer's credentials.
 
 Wire format, per tunnel: ``sendmsg`` of a 12-byte header (three big-endian uint32:
 state length, client-to-backend tail length, backend-to-client tail length) carrying the
-two fds, then the JSON state and the two tails; the receiver answers one byte,
-``k`` (adopted) or ``n`` (refused: the sender closes the tunnel itself).
+two fds, then the JSON state and the two tails; the receiver answers ``k``.  The
+descriptors, once sent, belong to the receiver: it adopts the tunnel, or closes it
+(its server left the configuration, or the state did not arrive whole).
 """
 from __future__ import annotations
 
@@ -115,8 +116,11 @@ class HandoverServer:
             for fd in fds:
                 os.close(fd)
             raise
-        adopted = self.worker.adopt_tunnel(fds[0], fds[1], state, up_tail, down_tail)
-        conn.sendall(b"k" if adopted else b"n")
+        try:
+            self.worker.adopt_tunnel(fds[0], fds[1], state, up_tail, down_tail)
+        except Exception:        # noqa: BLE001 - one bad tunnel never ends the channel
+            log.exception("adopting a handed-over tunnel failed; it was closed")
+        conn.sendall(b"k")
         return True
 
 
@@ -160,6 +164,13 @@ def hand_over_tunnels(worker, targets, tunnels) -> int:
 
 
 def _send_one(channel, tunnel) -> bool:
+    """Send one tunnel; True once the receiver owns it.
+
+    Ownership passes with the descriptors: once ``sendmsg`` has carried them, the
+    receiver may be relaying already, so this worker lets go whatever happens next (a
+    missing answer included).  Resuming here too would make two processes relay one
+    socket.  Only a tunnel whose descriptors never left is resumed locally.
+    """
     meta_of = getattr(tunnel.on_close, "meta", None)
     if meta_of is None:
         return False
@@ -167,23 +178,26 @@ def _send_one(channel, tunnel) -> bool:
     client_fd, backend_fd, relay, up_tail, down_tail = tunnel.export()
     state = dict(meta, **relay)
     body = json.dumps(state).encode()
+    header = HEADER.pack(len(body), len(up_tail), len(down_tail))
     try:
-        header = HEADER.pack(len(body), len(up_tail), len(down_tail))
-        channel.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                    array.array("i", [client_fd, backend_fd]))])
-        channel.sendall(body + up_tail + down_tail)
+        sent = channel.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                           array.array("i", [client_fd, backend_fd]))])
+    except OSError as exc:
+        log.error("tunnel handover failed, keeping the tunnel: %s", exc)
+        _resume_locally(tunnel, client_fd, backend_fd, state, up_tail, down_tail)
+        return False
+    os.close(client_fd)
+    os.close(backend_fd)
+    tunnel.handed_over()
+    try:
+        channel.sendall(header[sent:] + body + up_tail + down_tail)
         answer = channel.recv(1)
     except OSError as exc:
-        log.error("tunnel handover failed: %s", exc)
-        answer = b""
-    if answer == b"k":
-        os.close(client_fd)
-        os.close(backend_fd)
-        tunnel.handed_over()
-        return True
-    # Not adopted: this worker keeps serving it until it ends (or shutdown timeout).
-    _resume_locally(tunnel, client_fd, backend_fd, state, up_tail, down_tail)
-    return False
+        answer = f"no answer ({exc})"
+    if answer != b"k":
+        log.error("tunnel handover: the receiving worker did not confirm (%s); the tunnel "
+                  "is in its hands", answer)
+    return True
 
 
 def _resume_locally(tunnel, client_fd, backend_fd, state, up_tail, down_tail):

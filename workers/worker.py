@@ -193,10 +193,19 @@ class Worker:
                                         record.bytes_in + tunnel_in,
                                         record.bytes_out + tunnel_out)
 
-    def adopt_tunnel(self, client_fd, backend_fd, state, up_tail, down_tail) -> bool:
-        """Take over a tunnel from a retiring worker; False only if it cannot be handled."""
+    def adopt_tunnel(self, client_fd, backend_fd, state, up_tail, down_tail) -> None:
+        """Take over a tunnel from a retiring worker, or close it if its server is gone;
+        the descriptors are this worker's from the call on, whatever happens."""
         client = gsocket.socket(fileno=client_fd)
         backend = gsocket.socket(fileno=backend_fd)
+        try:
+            self._adopt(client, backend, state, up_tail, down_tail)
+        except BaseException:
+            client.close()
+            backend.close()
+            raise
+
+    def _adopt(self, client, backend, state, up_tail, down_tail) -> None:
         upstream = self.config.upstreams.get(state.get("upstream", ""))
         index = None
         if upstream is not None:
@@ -207,7 +216,7 @@ class Worker:
             log.info("tunnel client=%s:%s: server %s is gone after reload, closing",
                      *state["client"], state.get("server"))
             close_unadoptable(client, backend, state, down_tail)
-            return True
+            return
         balancer = self.balancers[upstream.name]
         pick = balancer.adopt(index)
         settings = self._settings_for(state, upstream.name)
@@ -220,7 +229,6 @@ class Worker:
         record = TunnelRecord.from_state(self, pick, balancer, holds, state)
         adopt_tunnel(client, backend, dict(state, client_rx=0, client_tx=0), up_tail,
                      down_tail, settings, record)
-        return True
 
     def _settings_for(self, state, upstream_name):
         """Route the tunnel's original request under the new configuration."""
