@@ -99,7 +99,9 @@ DIRECTIVES = (
        "weighted_round_robin | round_robin | least_connections | least_conn;",
        "weighted_round_robin",
        "Chooses the balancing method; least_conn is an alias of least_connections, which "
-       "counts connections (tunnels included) across all workers.",
+       "counts connections (tunnels included) across all workers.  The rotation (and "
+       "least_connections' tie-break) is one position shared by all workers, so a few "
+       "requests taken by different workers still go round the servers.",
        "method least_connections;", h.set_method),
     _d("persistence", (UPSTREAM,), (1, 5),
        "none | ip_hash [ttl=time] [table_size=number] | cookie [name=name] [ttl=time] "
