@@ -1,4 +1,9 @@
-"""Packaging for mplb: the master side (mplb/) and the data plane (workers/)."""
+"""Packaging for mplb: the master side and shared state (mplb/) and the data plane.
+
+The repository keeps the data plane in its top-level ``workers/`` folder; it is
+installed as the subpackage ``mplb.workers``, so the distribution adds no top-level
+name of its own besides ``mplb`` (the package index already has a ``workers``).
+"""
 from setuptools import find_packages, setup
 
 setup(
@@ -7,7 +12,8 @@ setup(
     description="Multi-process pre-fork HTTP and WebSocket load balancer",
     long_description=open("README.rst", encoding="utf-8").read(),
     long_description_content_type="text/x-rst",
-    packages=find_packages(include=["mplb", "mplb.*", "workers", "workers.*"]),
+    packages=find_packages(include=["mplb", "mplb.*"]) + ["mplb.workers"],
+    package_dir={"mplb.workers": "workers"},
     python_requires=">=3.9",
     install_requires=[
         "gevent>=23.9",

@@ -32,7 +32,7 @@ log = logging.getLogger("mplb.master")
 HEARTBEAT_TIMEOUT = 10.0     # a worker silent this long is killed and replaced
 FAST_STOP_GRACE = 1.5        # TERM/INT: seconds before survivors get SIGKILL
 RELOAD_READY_TIMEOUT = 15.0  # a new generation must report ready within this
-EXIT_BOOT_FAILURE = 3        # mirrors workers.worker.EXIT_BOOT_FAILURE
+EXIT_BOOT_FAILURE = 3        # mirrors mplb.workers.worker.EXIT_BOOT_FAILURE
 SIGNALS = ("HUP", "QUIT", "TERM", "INT", "USR1", "TTIN", "TTOU", "CHLD")
 
 

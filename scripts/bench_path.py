@@ -29,7 +29,7 @@ from gevent.server import StreamServer  # noqa: E402
 
 from mplb.config.build import build_config  # noqa: E402
 from mplb.shm import SharedState  # noqa: E402
-from workers.worker import Worker, WorkerContext  # noqa: E402
+from mplb.workers.worker import Worker, WorkerContext  # noqa: E402
 
 REQUEST = b"GET /small HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: bench\r\n\r\n"
 CLOSE_REQUEST = REQUEST[:-2] + b"Connection: close\r\n\r\n"

@@ -72,7 +72,7 @@ def run_one(kind, use_splice, amount):
     import gevent
     from gevent import socket as gsocket
     from mplb.config.model import ProxySettings
-    from workers.tunnel import start_tunnel
+    from mplb.workers.tunnel import start_tunnel
 
     far = peer(SINK if kind == "bulk" else ECHO)
     far_port = int(far.stdout.readline())

@@ -12,7 +12,7 @@ import pytest
 from gevent import socket
 
 from mplb.config.model import ProxySettings
-from workers import handover, tunnel
+from mplb.workers import handover, tunnel
 
 
 class Record:

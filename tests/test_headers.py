@@ -5,9 +5,9 @@ import pytest
 
 from mplb.config import load
 from mplb.config.model import UpstreamServer
-from workers.headers import HeadPlan, connection_tokens
-from workers.http import SPECIAL_REQUEST_HEADERS
-from workers.request import Request
+from mplb.workers.headers import HeadPlan, connection_tokens
+from mplb.workers.http import SPECIAL_REQUEST_HEADERS
+from mplb.workers.request import Request
 
 
 class FakeConn:

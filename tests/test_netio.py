@@ -6,7 +6,7 @@ import gevent
 import pytest
 from gevent import socket
 
-from workers import netio
+from mplb.workers import netio
 
 
 @pytest.fixture

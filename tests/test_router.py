@@ -4,7 +4,7 @@ import textwrap
 import pytest
 
 from mplb.config import load
-from workers.router import Router
+from mplb.workers.router import Router
 
 LISTEN = ("127.0.0.1", 18081)
 OTHER = ("127.0.0.1", 18082)

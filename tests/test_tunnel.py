@@ -20,7 +20,7 @@ from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 from websockets.utils import accept_key
 
-from workers.wsframes import FrameTracker, ProtocolError, build_frame, parse_header
+from mplb.workers.wsframes import FrameTracker, ProtocolError, build_frame, parse_header
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)

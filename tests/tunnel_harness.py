@@ -20,7 +20,7 @@ import gevent                                   # noqa: E402
 from gevent import socket                       # noqa: E402
 
 from mplb.config.model import ProxySettings     # noqa: E402
-from workers import tunnel                      # noqa: E402
+from mplb.workers import tunnel                      # noqa: E402
 
 
 def read_head(sock):

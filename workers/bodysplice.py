@@ -15,7 +15,7 @@ import socket
 
 from gevent import socket as gsocket
 
-from workers.netio import wait_readable, wait_writable
+from mplb.workers.netio import wait_readable, wait_writable
 
 SPLICE_BODY_MIN = 128 * 1024
 PIPE_SIZE = 256 * 1024                  # asked of the kernel; the default is 64 KiB

@@ -26,8 +26,8 @@ import time
 import gevent
 from gevent import socket as gsocket
 
-from workers.tunnel import USE_SPLICE, Tunnel
-from workers.wsframes import CLOSE_GOING_AWAY, OP_CLOSE, build_frame, close_payload
+from mplb.workers.tunnel import USE_SPLICE, Tunnel
+from mplb.workers.wsframes import CLOSE_GOING_AWAY, OP_CLOSE, build_frame, close_payload
 
 log = logging.getLogger("mplb.handover")
 

@@ -7,7 +7,7 @@ pass over the client's headers and one ``join``.
 """
 from __future__ import annotations
 
-from workers.request import VARIABLES
+from mplb.workers.request import VARIABLES
 
 # Hop-by-hop headers never forwarded in either direction (RFC 9110 section 7.6.1).
 HOP_BY_HOP = frozenset({

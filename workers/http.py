@@ -18,11 +18,11 @@ from collections import deque
 import httptools
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
 
-from workers.headers import connection_tokens
-from workers.netio import peek, recv_into
-from workers.proxy import ClientGone, UpstreamExchange
-from workers.request import BadRequest, Request
-from workers.responses import CONTINUE_100, local_response, redirect_response
+from mplb.workers.headers import connection_tokens
+from mplb.workers.netio import peek, recv_into
+from mplb.workers.proxy import ClientGone, UpstreamExchange
+from mplb.workers.request import BadRequest, Request
+from mplb.workers.responses import CONTINUE_100, local_response, redirect_response
 
 log = logging.getLogger("mplb.http")
 

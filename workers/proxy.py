@@ -14,12 +14,12 @@ import socket
 
 from httptools import HttpParserError, HttpParserUpgrade
 
-from workers.bodysplice import SPLICE_BODY_MIN, splice_body
-from workers.bodysplice import available as splice_available
-from workers.netio import recv_into, send_all
-from workers.responsehead import ResponseHead, render_response_head
-from workers.responses import local_response
-from workers.upstream import ConnectFailed
+from mplb.workers.bodysplice import SPLICE_BODY_MIN, splice_body
+from mplb.workers.bodysplice import available as splice_available
+from mplb.workers.netio import recv_into, send_all
+from mplb.workers.responsehead import ResponseHead, render_response_head
+from mplb.workers.responses import local_response
+from mplb.workers.upstream import ConnectFailed
 
 log = logging.getLogger("mplb.proxy")
 
@@ -442,7 +442,7 @@ class UpstreamExchange:
     # -- upgrades ------------------------------------------------------------------
     def finish_upgrade(self, request, client_pending) -> bool:
         """Relay the backend's answer to an upgrade; True when a tunnel took over."""
-        from workers.tunnel import start_tunnel
+        from mplb.workers.tunnel import start_tunnel
         worker = self.worker
         while True:
             if self.failure is not None:

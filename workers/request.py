@@ -9,7 +9,7 @@ import re
 import time
 from urllib.parse import unquote
 
-from workers.uri import normalize_path
+from mplb.workers.uri import normalize_path
 
 
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")     # '%' not followed by two hex digits

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from httptools import HttpResponseParser
 
-from workers.headers import HOP_BY_HOP, connection_tokens
-from workers.responses import reason_phrase
+from mplb.workers.headers import HOP_BY_HOP, connection_tokens
+from mplb.workers.responses import reason_phrase
 
 MAX_RESPONSE_HEADERS = 256
 RESPONSE_SKIP = HOP_BY_HOP | {b"content-length"}

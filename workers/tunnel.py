@@ -27,7 +27,7 @@ import time
 
 import gevent
 
-from workers.wsframes import (CLOSE_GOING_AWAY, OP_CLOSE, OP_PING, PING_MAGIC,
+from mplb.workers.wsframes import (CLOSE_GOING_AWAY, OP_CLOSE, OP_PING, PING_MAGIC,
                               FrameTracker, ProtocolError, build_frame, close_payload)
 
 log = logging.getLogger("mplb.tunnel")

@@ -13,7 +13,7 @@ import time
 
 from gevent import socket as gsocket
 
-from workers.netio import peek
+from mplb.workers.netio import peek
 
 PEEK_AFTER_IDLE = 1.0
 

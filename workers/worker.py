@@ -19,14 +19,14 @@ from gevent import socket as gsocket
 from gevent.lock import Semaphore
 
 from mplb import logs
-from workers.accesslog import AccessLog
-from workers.handover import (HandoverServer, adopt_tunnel, close_unadoptable,
+from mplb.workers.accesslog import AccessLog
+from mplb.workers.handover import (HandoverServer, adopt_tunnel, close_unadoptable,
                               hand_over_tunnels)
-from workers.headers import HeadPlan
-from workers.http import ClientConnection
-from workers.router import Router
-from workers.tunnelrecord import TunnelRecord
-from workers.upstream import UpstreamPool
+from mplb.workers.headers import HeadPlan
+from mplb.workers.http import ClientConnection
+from mplb.workers.router import Router
+from mplb.workers.tunnelrecord import TunnelRecord
+from mplb.workers.upstream import UpstreamPool
 
 log = logging.getLogger("mplb.worker")
 
@@ -333,7 +333,7 @@ class Worker:
         gevent.spawn(self._drain)
 
     def _drain(self):
-        from workers import tunnel
+        from mplb.workers import tunnel
         deadline = self.config.worker_shutdown_timeout
         started = time.monotonic()
         while True:
