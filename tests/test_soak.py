@@ -7,6 +7,7 @@ has every field, and that the incidents happened and were attributed.
 """
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -54,7 +55,7 @@ def test_reports_every_figure(soak):
     result, output = soak
     for key in ("requests", "failed_requests", "tunnels_lost_other_than_killed_or_restarted",
                 "messages_lost", "messages_duplicated", "reloads_ok", "reloads_failed",
-                "processes", "flatness", "targets"):
+                "processes", "shared_memory", "flatness", "targets"):
         assert key in result, f"{key} missing:\n{output}"
     assert set(result["failed_requests"]["by_cause"]) == CAUSES, output
     for label in ("start", "end"):
@@ -63,8 +64,10 @@ def test_reports_every_figure(soak):
         assert sample["workers"], output
         for figures in sample["workers"].values():
             assert {"rss_sum", "rss_avg", "fds_sum", "fds_avg"} <= set(figures), output
-        assert sample["shared_memory"]["use"] is not None, output
+        assert result["shared_memory"][label]["use"] is not None, output
     assert result["flatness"]["baseline"] == "start", output      # a run under 60 s
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    assert result["mplb_nofile_limit"] == hard, output            # raised, and inherited
     assert "ALL TARGETS MET" in output or "TARGETS MISSED" in output, output
 
 
