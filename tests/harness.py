@@ -116,6 +116,16 @@ class Process:
                                      cwd=cwd or ROOT, env=full_env, start_new_session=True)
         self.pid = self.proc.pid
 
+    @contextlib.contextmanager
+    def stopped_on_failure(self):
+        """Stop the process when its start-up checks fail or are interrupted (Ctrl-C),
+        so that no caller is left with a running process it has no handle on."""
+        try:
+            yield
+        except BaseException:
+            self.stop()
+            raise
+
     def output(self) -> str:
         if not self._log.closed:
             self._log.flush()
@@ -162,9 +172,11 @@ class Backend(Process):
         super().__init__([sys.executable, os.path.join(HERE, "backend_server.py"),
                           "--port", str(self.port), "--name", self.backend_name,
                           "--host", host], name=self.backend_name)
-        wait_for(lambda: port_open(self.port, host) or self._died(), message=f"backend {self.port}")
-        if not self.alive():
-            raise RuntimeError(f"backend failed to start:\n{self.output()}")
+        with self.stopped_on_failure():
+            wait_for(lambda: port_open(self.port, host) or self._died(),
+                     message=f"backend {self.port}")
+            if not self.alive():
+                raise RuntimeError(f"backend failed to start:\n{self.output()}")
 
     def _died(self):
         return not self.alive()
@@ -178,26 +190,29 @@ class Mplb(Process):
     """A real mplb master (and its workers) on a configuration written to a temp file."""
 
     def __init__(self, config_text, workers=1, verbose=True, extra_args=(), wait_ports=None,
-                 name="mplb"):
+                 name="mplb", command=None):
+        """``command``: the mplb program as an argv list (default ``mplb_command()``)."""
         self.dir = tempfile.mkdtemp(prefix="mplb-test-")
         self.conf = os.path.join(self.dir, "mplb.conf")
         with open(self.conf, "w") as handle:
             handle.write(config_text)
         self.pid_file = os.path.join(self.dir, "mplb.pid")
-        argv = mplb_command() + ["-conf", self.conf, "-pid", self.pid_file]
+        argv = list(command or mplb_command()) + ["-conf", self.conf, "-pid", self.pid_file]
         if workers:
             argv += ["-workers", str(workers)]
         if verbose:
             argv.append("-v")
         argv += list(extra_args)
         super().__init__(argv, name=name)
-        for port in wait_ports or ():
-            wait_for(lambda: port_open(port) or not self.alive(), message=f"mplb port {port}")
-            if not self.alive():
-                raise RuntimeError(f"mplb exited early:\n{self.output()}")
-        if wait_ports:
-            wait_for(lambda: len(self.worker_pids()) >= (workers or 1),
-                     message="mplb workers")
+        with self.stopped_on_failure():
+            for port in wait_ports or ():
+                wait_for(lambda: port_open(port) or not self.alive(),
+                         message=f"mplb port {port}")
+                if not self.alive():
+                    raise RuntimeError(f"mplb exited early:\n{self.output()}")
+            if wait_ports:
+                wait_for(lambda: len(self.worker_pids()) >= (workers or 1),
+                         message="mplb workers")
 
     def worker_pids(self):
         """Pids of this master's live children (its workers)."""
@@ -467,10 +482,11 @@ class WsBackend(Process):
         super().__init__([sys.executable, os.path.join(HERE, "ws_server.py"),
                           "--port", str(self.port), "--name", self.backend_name,
                           "--host", host], name=self.backend_name)
-        wait_for(lambda: port_open(self.port, host) or not self.alive(),
-                 message=f"ws backend {self.port}")
-        if not self.alive():
-            raise RuntimeError(f"ws backend failed to start:\n{self.output()}")
+        with self.stopped_on_failure():
+            wait_for(lambda: port_open(self.port, host) or not self.alive(),
+                     message=f"ws backend {self.port}")
+            if not self.alive():
+                raise RuntimeError(f"ws backend failed to start:\n{self.output()}")
 
     @property
     def url(self):
