@@ -65,7 +65,7 @@ def test_sender_lets_go_once_descriptors_are_sent_even_without_an_answer(
     channel, receiver = socket.socketpair(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
     channel.settimeout(0.3)                       # the answer never comes in time
     try:
-        assert handover._send_one(channel, made) is True
+        assert handover._send_one(channel, made) == (True, False)
         assert tunnel.live_tunnel_count() == 0
         assert record.closes == ["handover"]
         header, fds = receive_fds(receiver)
@@ -89,7 +89,7 @@ def test_sender_keeps_the_tunnel_when_the_descriptors_never_left(live_tunnel):
     channel, receiver = socket.socketpair(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
     receiver.close()                              # nobody at the other end
     try:
-        assert handover._send_one(channel, made) is False
+        assert handover._send_one(channel, made) == (False, False)
         assert tunnel.live_tunnel_count() == 1 and record.closes == []
         client_peer.sendall(b"still here")
         backend_peer.settimeout(5)
@@ -100,3 +100,35 @@ def test_sender_keeps_the_tunnel_when_the_descriptors_never_left(live_tunnel):
         assert data == b"still here"
     finally:
         channel.close()
+
+
+def test_a_dead_receiver_is_dropped_at_its_first_failure(monkeypatch):
+    """Tunnels meant for a receiver that died stay here, with one failed attempt in
+    all, not one per tunnel."""
+    peers = []
+    made = []
+    for _ in range(3):
+        (client, client_peer), (backend, backend_peer) = socket.socketpair(), socket.socketpair()
+        peers += [client_peer, backend_peer]
+        made.append(tunnel.start_tunnel(client, backend, b"", b"", ProxySettings(), Record(),
+                                        use_splice=False))
+    channel, receiver = socket.socketpair(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+    receiver.close()                                   # the receiver is gone
+    attempts = []
+    real_send_one = handover._send_one
+
+    def counting(channel, one):
+        attempts.append(one)
+        return real_send_one(channel, one)
+    monkeypatch.setattr(handover, "_send_one", counting)
+    monkeypatch.setattr(handover, "_open_channels", lambda master_pid, targets: [channel])
+
+    class Worker:
+        class ctx:
+            master_pid = 0
+    try:
+        assert handover.hand_over_tunnels(Worker(), [1], made) == 0
+        assert len(attempts) == 1 and tunnel.live_tunnel_count() == 3
+    finally:
+        for peer in peers:
+            peer.close()

@@ -137,34 +137,45 @@ def _recv_exact(conn, size) -> bytes:
 
 def hand_over_tunnels(worker, targets, tunnels) -> int:
     """Move ``tunnels`` to the worker pids in ``targets`` (round robin); return how many."""
-    channels = []
-    for pid in targets:
-        sock = gsocket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(IO_TIMEOUT)
-        try:
-            sock.connect(socket_name(worker.ctx.master_pid, pid))
-            channels.append(sock)
-        except OSError as exc:
-            log.warning("cannot reach worker %d for tunnel handover: %s", pid, exc)
-            sock.close()
+    channels = _open_channels(worker.ctx.master_pid, targets)
     if not channels:
         return 0
     moved = 0
     try:
         for number, tunnel in enumerate(tunnels):
+            if not channels:
+                break                       # every receiver failed: retried next round
             if not tunnel.movable():
                 continue
             channel = channels[number % len(channels)]
-            if _send_one(channel, tunnel):
-                moved += 1
+            sent, usable = _send_one(channel, tunnel)
+            moved += sent
+            if not usable:                  # a dead receiver: stop feeding it
+                channels.remove(channel)
+                channel.close()
     finally:
         for channel in channels:
             channel.close()
     return moved
 
 
-def _send_one(channel, tunnel) -> bool:
-    """Send one tunnel; True once the receiver owns it.
+def _open_channels(master_pid, targets) -> list:
+    """A connected handover socket to each reachable worker of ``targets``."""
+    channels = []
+    for pid in targets:
+        sock = gsocket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(IO_TIMEOUT)
+        try:
+            sock.connect(socket_name(master_pid, pid))
+            channels.append(sock)
+        except OSError as exc:
+            log.warning("cannot reach worker %d for tunnel handover: %s", pid, exc)
+            sock.close()
+    return channels
+
+
+def _send_one(channel, tunnel) -> tuple:
+    """Send one tunnel: ``(moved, channel still usable)``; moved once the receiver owns it.
 
     Ownership passes with the descriptors: once ``sendmsg`` has carried them, the
     receiver may be relaying already, so this worker lets go whatever happens next (a
@@ -173,7 +184,7 @@ def _send_one(channel, tunnel) -> bool:
     """
     meta_of = getattr(tunnel.on_close, "meta", None)
     if meta_of is None:
-        return False
+        return False, True
     meta = meta_of()
     client_fd, backend_fd, relay, up_tail, down_tail = tunnel.export()
     state = dict(meta, **relay)
@@ -185,7 +196,7 @@ def _send_one(channel, tunnel) -> bool:
     except OSError as exc:
         log.error("tunnel handover failed, keeping the tunnel: %s", exc)
         _resume_locally(tunnel, client_fd, backend_fd, state, up_tail, down_tail)
-        return False
+        return False, False
     os.close(client_fd)
     os.close(backend_fd)
     tunnel.handed_over()
@@ -197,7 +208,8 @@ def _send_one(channel, tunnel) -> bool:
     if answer != b"k":
         log.error("tunnel handover: the receiving worker did not confirm (%s); the tunnel "
                   "is in its hands", answer)
-    return True
+        return True, False
+    return True, True
 
 
 def _resume_locally(tunnel, client_fd, backend_fd, state, up_tail, down_tail):
