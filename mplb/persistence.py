@@ -1,8 +1,10 @@
 """Persistence wrappers: answer first for a known client, record the method's pick otherwise.
 
-Every mode asks the Balancer's one eligibility filter; a known server that is not eligible
-(down, failed, at max_conns, already tried, or gone after a reload) is replaced by a fresh
-pick of the method and the record is updated ('repick').  Records name servers by their
+A wrapper decides ``(index, label)``: the server and whether persistence knew the client
+('hit'), did not ('miss') or had to replace its server ('repick'); the Balancer turns that
+into its Pick.  Every mode asks the Balancer's one eligibility filter; a known server that
+is not eligible (down, failed, at max_conns, already tried, or gone after a reload) is
+replaced by a fresh pick of the method and the record is updated ('repick').  Records name servers by their
 identity (the URL: shared directory slot or a URL hash), never by position, so they survive
 reloads that reorder servers.  Client input (IPs, cookies, keys) is bounded before use and
 hashed to fixed-size table keys.
@@ -13,28 +15,33 @@ import base64
 import bisect
 import hashlib
 import hmac
-import re
 import struct
 
-from mplb.balancing import Pick
+from mplb.vocabulary import PERSISTENCE_MODES
 
 MAX_IP = 64                  # longest client address string we look at
 MAX_COOKIE_HEADER = 8192     # Cookie header bytes we parse
 MAX_SESSION_ID = 256         # learned session id length cap
 MAC_BYTES = 16
 TOKEN_BYTES = 6
-DEFAULT_TTL = {"ip_hash": 3600.0, "cookie": 86400.0}
 VNODES_PER_WEIGHT = 160      # ketama: 40 md5 digests x 4 points each
 
 
-def make_persistence(balancer, cfg):
-    """The wrapper object for ``cfg.kind`` bound to ``balancer``."""
-    kinds = {"ip_hash": IpHash, "consistent_hash": ConsistentHash}
+def persistence_for(balancer, upstream):
+    """The wrapper for ``upstream``'s persistence bound to ``balancer``, or None."""
+    cfg = upstream.persistence
+    if cfg.kind == "none":
+        return None
     if cfg.kind == "cookie":
         return LearnCookie(balancer, cfg) if cfg.learn else InsertCookie(balancer, cfg)
-    if cfg.kind not in kinds:
+    wrappers = {"ip_hash": IpHash, "consistent_hash": ConsistentHash}
+    if cfg.kind not in wrappers:
         raise ValueError(f"unknown persistence {cfg.kind!r}")
-    return kinds[cfg.kind](balancer, cfg)
+    return wrappers[cfg.kind](balancer, cfg)
+
+
+def _ttl(cfg) -> float:
+    return cfg.ttl or PERSISTENCE_MODES[cfg.kind].ttl or 3600.0
 
 
 def table_spec(upstream):
@@ -44,7 +51,7 @@ def table_spec(upstream):
     old one is reclaimed once no worker uses it.
     """
     p = upstream.persistence
-    ttl = p.ttl or DEFAULT_TTL.get(p.kind, 3600.0)
+    ttl = _ttl(p)
     if p.kind == "ip_hash":
         return f"{upstream.name}:ip_hash:{p.table_size}", p.table_size, ttl
     if p.kind == "cookie" and p.learn:
@@ -75,52 +82,43 @@ def _text(value) -> str:
 
 
 class _Wrapper:
-    """Shared get() shape: lookup -> hit, else the method's pick recorded as miss/repick."""
+    """Shared decide() shape: lookup -> hit, else the method's pick recorded as miss/repick."""
 
     uses_clock = False           # a table with TTLs needs the time; the others do not
 
     def __init__(self, balancer, cfg):
         self.b = balancer
         self.cfg = cfg
-        self.ttl = cfg.ttl or DEFAULT_TTL.get(cfg.kind, 3600.0)
+        self.ttl = _ttl(cfg)
 
     def lookup(self, request, now):
         """Known server index (-1 for a known server no longer configured) or None."""
         return None
 
-    def record(self, request, pick, now, first: bool):
-        """Remember ``pick``; with ``first`` keep (and return) a record another worker made."""
+    def record(self, request, sid, now, first: bool):
+        """Remember server ``sid``; with ``first`` keep (and return) a record another
+        worker made."""
         return None
 
-    def get(self, request, tried, now=None):
+    def decide(self, request, tried):
+        """``(index, label)`` for ``request``, or None when no server is eligible."""
         b = self.b
-        if now is None and self.uses_clock:
-            now = b.clock()
+        now = b.clock() if self.uses_clock else None
         known = self.lookup(request, now)
-        if known is not None and known >= 0 and self.usable(known, tried, now):
-            pick = Pick(known, b.servers[known], b.sids[known], "hit")
-            pick.cookie_valid = True
-            return pick
+        if known is not None and known >= 0 and b.usable(known, tried, now):
+            return known, "hit"
         index = b.pick_index(tried, now)
         if index is None:
             return None
-        pick = Pick(index, b.servers[index], b.sids[index], "miss" if known is None else "repick")
-        existing = self.record(request, pick, now, known is None)
-        if existing is not None and existing != pick.sid:
+        existing = self.record(request, b.sids[index], now, known is None)
+        if existing is not None and existing != b.sids[index]:
             # Another worker recorded this new client a moment ago: follow that record.
             other = b.index_of_sid.get(existing)
-            if other is not None and self.usable(other, tried, now):
-                pick = Pick(other, b.servers[other], existing, "hit")
-                pick.cookie_valid = True
-        return pick
+            if other is not None and b.usable(other, tried, now):
+                return other, "hit"
+        return index, "miss" if known is None else "repick"
 
-    def usable(self, index, tried, now) -> bool:
-        """A known server may serve: eligible, and not a backup while a primary is."""
-        b = self.b
-        return b.eligible(index, tried, now) and \
-            not (b.servers[index].backup and b.primary_available(tried, now))
-
-    def response_headers(self, pick, request, response_headers) -> list:
+    def response_headers(self, index, label, request, response_headers) -> list:
         return []
 
 
@@ -144,8 +142,8 @@ class IpHash(_Wrapper):
             return None
         return self.b.index_of_sid.get(sid, -1)
 
-    def record(self, request, pick, now, first):
-        return self.table.put(self.key(request), pick.sid, now, replace=not first)
+    def record(self, request, sid, now, first):
+        return self.table.put(self.key(request), sid, now, replace=not first)
 
 
 class InsertCookie(_Wrapper):
@@ -188,10 +186,10 @@ class InsertCookie(_Wrapper):
         expected = hmac.new(self.secret, f"{self.name}|{token}".encode(), hashlib.sha256).digest()
         return hmac.compare_digest(_b64(expected[:MAC_BYTES]), mac)
 
-    def response_headers(self, pick, request, response_headers) -> list:
-        if pick.cookie_valid:
+    def response_headers(self, index, label, request, response_headers) -> list:
+        if label == "hit":                  # the client presented a valid cookie for it
             return []
-        line = f"Set-Cookie: {self.name}={self.values[pick.index]}{self.attributes}"
+        line = f"Set-Cookie: {self.name}={self.values[index]}{self.attributes}"
         return [line.encode("latin-1")]
 
 
@@ -220,13 +218,13 @@ class LearnCookie(_Wrapper):
             return None
         return self.b.index_of_sid.get(sid, -1)
 
-    def record(self, request, pick, now, first):
+    def record(self, request, sid, now, first):
         session = self.session(request)
         if session is not None:                  # keep an unknown/moved session together
-            return self.table.put(session, pick.sid, now, replace=not first)
+            return self.table.put(session, sid, now, replace=not first)
         return None
 
-    def response_headers(self, pick, request, response_headers) -> list:
+    def response_headers(self, index, label, request, response_headers) -> list:
         """Record session ids the backend sets; response_headers: (name, value) pairs."""
         for name, value in response_headers or ():
             if _text(name).lower() != "set-cookie":
@@ -235,12 +233,9 @@ class LearnCookie(_Wrapper):
             key, sep, session = first.partition("=")
             session = session.strip().strip('"')
             if sep and key.strip() == self.name and 0 < len(session) <= MAX_SESSION_ID:
-                self.table.put(session.encode("latin-1", "replace"), pick.sid,
+                self.table.put(session.encode("latin-1", "replace"), self.b.sids[index],
                                self.b.clock())
         return []
-
-
-_VAR = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
 
 
 class ConsistentHash(_Wrapper):
@@ -248,7 +243,7 @@ class ConsistentHash(_Wrapper):
 
     def __init__(self, balancer, cfg):
         super().__init__(balancer, cfg)
-        self.parts = self._compile(cfg.key or "$uri")
+        self.parts = cfg.key.parts
         points = []
         for i in balancer.primary:
             server = balancer.servers[i]
@@ -260,24 +255,12 @@ class ConsistentHash(_Wrapper):
         self.owners = [i for _, i in points]
         self.distinct = len(balancer.primary)
 
-    @staticmethod
-    def _compile(template: str) -> tuple:
-        parts, pos = [], 0
-        for m in _VAR.finditer(template):
-            if m.start() > pos:
-                parts.append((False, template[pos:m.start()]))
-            parts.append((True, m.group(1) or m.group(2)))
-            pos = m.end()
-        if pos < len(template):
-            parts.append((False, template[pos:]))
-        return tuple(parts)
-
     def key(self, request) -> bytes:
-        out = []
-        for is_var, text in self.parts:
-            out.append((request.variable(text) or "") if is_var and request is not None
-                       else ("" if is_var else text))
-        return "".join(out)[:4096].encode("utf-8", "surrogateescape")
+        if request is None:
+            return b""
+        value = "".join((request.variable(text) or "") if is_variable else text
+                        for is_variable, text in self.parts)
+        return value[:4096].encode("utf-8", "surrogateescape")
 
     def ring_owner(self, key: bytes) -> int:
         """Position on the ring of the first point at or after the key's hash."""
@@ -285,8 +268,9 @@ class ConsistentHash(_Wrapper):
         pos = bisect.bisect_left(self.points, h)
         return pos if pos < len(self.points) else 0
 
-    def get(self, request, tried, now=None):
+    def decide(self, request, tried):
         b = self.b
+        now = None
         if self.points:
             pos = self.ring_owner(self.key(request))
             seen = set()
@@ -296,15 +280,14 @@ class ConsistentHash(_Wrapper):
                 if index in seen:
                     continue
                 if b.eligible(index, tried, now):
-                    return Pick(index, b.servers[index], b.sids[index],
-                                "hit" if not seen else "repick")
+                    return index, "hit" if not seen else "repick"
                 seen.add(index)
                 if len(seen) == self.distinct:
                     break
         index = b.pick_index(tried, now)                 # only backups can be left
         if index is None:
             return None
-        return Pick(index, b.servers[index], b.sids[index], "repick")
+        return index, "repick"
 
 
 def _b64(raw: bytes) -> str:

@@ -1,7 +1,7 @@
 """Forking a worker: the one place where master code hands over to the data plane.
 
 Kept apart from mplb.master so that the master module itself never imports gevent:
-``mplb.workers.worker`` (and with it gevent) is imported only inside the forked child.
+``mplb.workers.process`` (and with it gevent) is imported only inside the forked child.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def fork_worker(master, slot, number):
         os.close(master.wakeup_read)
         master.shared.allocating = False     # workers find what the master reserved
         child_end.setblocking(False)
-        from mplb.workers.worker import WorkerContext, run_worker
+        from mplb.workers.process import WorkerContext, run_worker
         ctx = WorkerContext(
             config=master.config, listen_sockets=dict(master.sockets),
             control_fd=child_end.fileno(), shared=master.shared, slot=slot, number=number,

@@ -29,7 +29,8 @@ from gevent.server import StreamServer  # noqa: E402
 
 from mplb.config.build import build_config  # noqa: E402
 from mplb.shm import SharedState  # noqa: E402
-from mplb.workers.worker import Worker, WorkerContext  # noqa: E402
+from mplb.workers.process import WorkerContext  # noqa: E402
+from mplb.workers.worker import Worker  # noqa: E402
 
 REQUEST = b"GET /small HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: bench\r\n\r\n"
 CLOSE_REQUEST = REQUEST[:-2] + b"Connection: close\r\n\r\n"
@@ -151,7 +152,7 @@ def main():
         front.bind(("127.0.0.1", 0))
         front.listen(512)
         front_port = front.getsockname()[1]
-        accepting = gevent.spawn(worker.accept_loop, front, listen)   # the worker's own
+        accepting = gevent.spawn(worker.acceptor._accept_loop, front, listen)  # the worker's
         if args.only:
             port = backend_port if args.only == "direct" else front_port
             run_clients(port, args.requests, args.conns, new_conn=args.new_conn)

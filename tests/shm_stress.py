@@ -28,7 +28,7 @@ import struct
 import sys
 import time
 
-from mplb.shmtable import ENTRY_WORDS, GROUP
+from mplb.shm.tables import ENTRY_WORDS, GROUP
 
 PROCESSES = 4
 TAG_MASK = ~0xFFFF
@@ -124,7 +124,7 @@ class Interleaving:
 
 def interleaved(table, read_every=0, pause=20e-6):
     """The same table (same memory, locks and salt) seen through :class:`Interleaving`."""
-    from mplb.shmtable import ShmTable
+    from mplb.shm.tables import ShmTable
     return ShmTable(Interleaving(table.q, pause, read_every), table.start, table.capacity,
                     table.ttl_us, table.salt, table.locks, stripe_seed=table.seed,
                     name=table.name)
@@ -264,7 +264,7 @@ def check_structure(table, known: dict) -> list:
 
 def disable_protection(locks=True, seqlock=False) -> None:
     """For the proof only: make the table unsafe, to show the hammer notices."""
-    from mplb import shmtable
+    from mplb.shm import tables as shmtable
     if locks:
         shmtable.StripeLocks.acquire = lambda self, offset: None
         shmtable.StripeLocks.release = lambda self, offset: None

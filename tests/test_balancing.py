@@ -55,7 +55,7 @@ def test_wrr_every_window_has_exact_shares(weights):
 
 
 def test_smooth_sequence_large_weights_are_scaled_not_expanded():
-    from mplb.balancing import MAX_SEQUENCE, smooth_sequence
+    from mplb.methods import MAX_SEQUENCE, smooth_sequence
     assert smooth_sequence([300, 100]) == [0, 0, 1, 0]            # divided by the gcd
     order = smooth_sequence([10**6, 3 * 10**6 + 1])
     assert len(order) <= MAX_SEQUENCE

@@ -195,8 +195,8 @@ upstream d { server http://127.0.0.1:1; }
 """)
     assert config.upstreams["a"].persistence.ttl == 3600
     assert config.upstreams["a"].persistence.table_size == 1024
-    assert config.upstreams["b"].persistence.key == "$uri"
-    assert config.upstreams["c"].persistence.key == "$http_x_user"
+    assert config.upstreams["b"].persistence.key.source == "$uri"
+    assert config.upstreams["c"].persistence.key.source == "$http_x_user"
     assert config.upstreams["d"].persistence.kind == "none"
 
 

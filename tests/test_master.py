@@ -5,7 +5,6 @@ the signals the master sends and reports exits when a test says so (gunicorn tes
 arbiter the same way).  The configuration, the listen sockets and the shared segment
 are real.
 """
-import os
 import signal
 import socket
 

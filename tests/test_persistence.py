@@ -5,7 +5,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from mplb.balancing import init_upstream
-from mplb.config.model import Persistence, Upstream, UpstreamServer
+from mplb.config.model import Persistence, Template, Upstream, UpstreamServer
+from mplb.config.values import Stmt, compile_template
 from mplb.shm import SharedState
 
 
@@ -252,7 +253,8 @@ def test_learn_mode_ignores_oversized_session():
 # -- consistent hash -------------------------------------------------------------------
 
 def ring(servers, key="$uri"):
-    return init_upstream(upstream(servers, kind="consistent_hash", key=key), None, 0)
+    template = Template(compile_template(Stmt("key", [], "test.conf", 1), key))
+    return init_upstream(upstream(servers, kind="consistent_hash", key=template), None, 0)
 
 
 def test_consistent_hash_stable_and_walks_on():

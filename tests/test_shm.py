@@ -222,7 +222,7 @@ def test_dead_writer_entry_is_repaired(shared):
 @given(st.lists(st.tuples(st.sampled_from(["put", "get"]), st.integers(0, 40)), max_size=120))
 def test_table_is_lru_within_a_group(ops):
     """One group (capacity 16): the table must behave exactly like an LRU cache."""
-    from mplb.balancing import LocalState
+    from mplb.shm.local import LocalState
     table = LocalState().table("lru", GROUP, 1e6)
     model = OrderedDict()
     t = 10.0

@@ -3,7 +3,7 @@
 Every worker listens on an abstract Unix socket named after the master and its own pid.
 A retiring worker stops relaying each plain-TCP tunnel (``Tunnel.export``), then sends
 both file descriptors (SCM_RIGHTS) with the relay state (bytes not yet written, frame
-tracking, counters, server identity) to a worker of the newest generation, which
+tracking, counters, server identity) to a worker of the serving generation, which
 carries on under its configuration.  Only a worker whose parent is our master may hand
 anything over: the receiver checks the peer's credentials.
 
@@ -117,7 +117,7 @@ class HandoverServer:
                 os.close(fd)
             raise
         try:
-            self.worker.adopt_tunnel(fds[0], fds[1], state, up_tail, down_tail)
+            self.worker.tunnels.adopt(fds[0], fds[1], state, up_tail, down_tail)
         except Exception:        # noqa: BLE001 - one bad tunnel never ends the channel
             log.exception("adopting a handed-over tunnel failed; it was closed")
         conn.sendall(b"k")
@@ -135,9 +135,9 @@ def _recv_exact(conn, size) -> bytes:
     return b"".join(chunks)
 
 
-def hand_over_tunnels(worker, targets, tunnels) -> int:
+def hand_over_tunnels(master_pid, targets, tunnels) -> int:
     """Move ``tunnels`` to the worker pids in ``targets`` (round robin); return how many."""
-    channels = _open_channels(worker.ctx.master_pid, targets)
+    channels = _open_channels(master_pid, targets)
     if not channels:
         return 0
     moved = 0

@@ -442,13 +442,13 @@ class ClientConnection:
         exchange = self.exchange
         self.exchange = None
         self.queue.popleft()
-        tunnelled = exchange.finish_upgrade(request, client_pending)
+        tunnelled, keep_alive = exchange.finish_upgrade(request, client_pending)
         if tunnelled:
             self.handed_off = True
             return
         self.served += 1
         # The backend refused the upgrade: carry on with a fresh parser.
-        if not self.keep_alive_after(request):
+        if not keep_alive:
             raise CloseConnection()
         self.parser = httptools.HttpRequestParser(self)
         self.current = None
@@ -539,7 +539,7 @@ class LocalAnswer:
         else:
             data = local_response(self.status, keep_alive=keep_alive, head_only=head_only)
         conn.sock.sendall(data)
-        conn.worker.log_access(conn, request, self.status, len(data), None, None)
+        conn.worker.accounting.log_access(conn, request, self.status, len(data), None, None)
         return keep_alive
 
     def abort(self):
@@ -560,5 +560,5 @@ class StatusAnswer(LocalAnswer):
                               extra=[b"Cache-Control: no-store\r\n"],
                               head_only=request.method == "HEAD")
         conn.sock.sendall(data)
-        conn.worker.log_access(conn, request, status, len(data), None, None)
+        conn.worker.accounting.log_access(conn, request, status, len(data), None, None)
         return keep_alive

@@ -194,7 +194,7 @@ class UpstreamExchange:
             conn.sock.sendall(data)
         except OSError:
             raise ClientGone()
-        self.worker.log_access(conn, request, failure.status, len(data), self, None)
+        self.worker.accounting.log_access(conn, request, failure.status, len(data), self, None)
         return False
 
     def _read_head(self, request):
@@ -408,14 +408,14 @@ class UpstreamExchange:
         log.error("upstream prematurely closed connection while reading upstream, client: %s",
                   self.conn.client_ip)
         self._release(failed=True, reusable=False)
-        self.worker.log_access(self.conn, request, response.status, sent, self, response)
+        self.worker.accounting.log_access(self.conn, request, response.status, sent, self, response)
         return False
 
     def _done(self, request, response, keep_client, sent) -> bool:
         reusable = (response.keep_alive and response.complete and self.plan.keepalive
                     and self.upstream.keepalive > 0)
         self._release(failed=False, reusable=reusable)
-        self.worker.log_access(self.conn, request, response.status, sent, self, response)
+        self.worker.accounting.log_access(self.conn, request, response.status, sent, self, response)
         return keep_client
 
     def _release(self, failed, reusable):
@@ -433,21 +433,23 @@ class UpstreamExchange:
         if pick is not None:
             self.pick = None
             self.balancer.free(pick, failed)
-            self.worker.count_exchange(pick.server, self.bytes_in, self.bytes_out)
+            self.worker.accounting.count_exchange(pick.server, self.bytes_in, self.bytes_out)
             self.last_server = pick.server
 
     def abort(self):
         self._release(failed=False, reusable=False)
 
     # -- upgrades ------------------------------------------------------------------
-    def finish_upgrade(self, request, client_pending) -> bool:
-        """Relay the backend's answer to an upgrade; True when a tunnel took over."""
-        from mplb.workers.tunnel import start_tunnel
+    def finish_upgrade(self, request, client_pending) -> tuple:
+        """Relay the backend's answer to an upgrade: ``(tunnelled, keep_alive)``.
+
+        A 101 hands both sockets to a tunnel; any other answer is relayed as a plain
+        response, after which the connection stays open only if ``keep_alive``.
+        """
         worker = self.worker
         while True:
             if self.failure is not None:
-                self._answer_failure(request)
-                return False
+                return False, self._answer_failure(request)
             try:
                 response, received, backend_pending = self._read_head_fresh(request)
                 break
@@ -459,15 +461,14 @@ class UpstreamExchange:
                     self.failure = None
                     self._connect_and_send()
         if backend_pending is None or response.status != 101:
-            return self._relay_body(request, response, received, False) and False
+            return False, self._relay_body(request, response, received, False)
         pick = self.pick
         extra = self.balancer.response_headers(pick, request, response.headers)
         head = render_response_head(response, b"", extra, None, upgrade=True)
         self._send_client(head)
         self.bytes_out += received
-        worker.log_upgrade(self.conn, request, self.upstream, pick)
+        worker.accounting.log_upgrade(self.conn, request, self.upstream, pick)
         sock, self.sock, self.pick = self.sock, None, None
-        worker.open_tunnel(self.conn, request, sock, pick, self.balancer, self.settings,
-                           client_pending, backend_pending, self.bytes_in, self.bytes_out,
-                           start_tunnel)
-        return True
+        worker.tunnels.open(self.conn, request, sock, pick, self.balancer, self.settings,
+                            client_pending, backend_pending, self.bytes_in, self.bytes_out)
+        return True, False

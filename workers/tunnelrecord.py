@@ -23,10 +23,10 @@ def _shared_key(key: tuple) -> tuple:
 
 
 class TunnelRecord:
-    __slots__ = META + ("worker", "pick", "balancer", "holds_capacity")
+    __slots__ = META + ("book", "pick", "balancer", "holds_capacity")
 
-    def __init__(self, worker, pick, balancer, holds_capacity, **meta):
-        self.worker = worker
+    def __init__(self, book, pick, balancer, holds_capacity, **meta):
+        self.book = book              # the worker's TunnelBook, told when the tunnel ends
         self.pick = pick
         self.balancer = balancer
         self.holds_capacity = holds_capacity
@@ -34,9 +34,8 @@ class TunnelRecord:
             setattr(self, name, meta[name])
 
     @classmethod
-    def for_request(cls, worker, conn, request, pick, balancer, upstream_name,
-                    bytes_in, bytes_out):
-        return cls(worker, pick, balancer, True, upstream=upstream_name,
+    def for_request(cls, book, conn, request, pick, balancer, bytes_in, bytes_out):
+        return cls(book, pick, balancer, True, upstream=balancer.upstream.name,
                    server=pick.server.url, listen=_shared_key(conn.listen.key),
                    client=(conn.client_ip, conn.client_port), method=request.method,
                    url=request.url.decode("latin-1"), version=request.version,
@@ -44,18 +43,18 @@ class TunnelRecord:
                    opened=time.monotonic(), bytes_in=bytes_in, bytes_out=bytes_out)
 
     @classmethod
-    def from_state(cls, worker, pick, balancer, holds_capacity, state):
+    def from_state(cls, book, pick, balancer, holds_capacity, state):
         """A record for a tunnel handed over by a retiring worker (bytes so far kept)."""
         meta = {name: state[name] for name in META}
         meta["listen"] = tuple(meta["listen"])
         meta["client"] = tuple(meta["client"])
         meta["bytes_in"] += state.get("client_rx", 0)
         meta["bytes_out"] += state.get("client_tx", 0)
-        return cls(worker, pick, balancer, holds_capacity, **meta)
+        return cls(book, pick, balancer, holds_capacity, **meta)
 
     def meta(self) -> dict:
         """The JSON-able identity sent along with a handover."""
         return {name: getattr(self, name) for name in META}
 
     def __call__(self, reason, backend_failed, tunnel_in, tunnel_out):
-        self.worker.tunnel_closed(self, reason, backend_failed, tunnel_in, tunnel_out)
+        self.book.ended(self, reason, backend_failed, tunnel_in, tunnel_out)

@@ -10,25 +10,14 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from mplb.config.model import HeaderTemplate, HealthCheck, Listen, Persistence, UpstreamServer
+from mplb.config.model import (HeaderTemplate, HealthCheck, Listen, Persistence, Template,
+                               UpstreamServer)
 from mplb.config.values import (
     Stmt, compile_template, resolve_host, split_hostport, split_options, to_access_rule,
     to_flag, to_int, to_single_variable, to_size, to_time,
 )
+from mplb.vocabulary import METHOD_ALIASES, METHODS, PERSISTENCE_MODES, method_name
 
-METHODS = {
-    "weighted_round_robin": "weighted_round_robin",
-    "round_robin": "round_robin",
-    "least_connections": "least_connections",
-    "least_conn": "least_connections",
-}
-PERSISTENCE_OPTIONS = {
-    "none": (),
-    "ip_hash": ("ttl", "table_size"),
-    "cookie": ("name", "ttl", "secret", "learn"),
-    "consistent_hash": ("key",),
-}
-PERSISTENCE_TTL = {"ip_hash": 3600.0, "cookie": 86400.0}
 NEXT_UPSTREAM = ("error", "timeout", "http_502", "http_503", "http_504", "off")
 LOG_LEVELS = ("debug", "info", "warn", "error")
 REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
@@ -80,20 +69,21 @@ def set_access_log(stmt, scope):
 # --- upstream ---------------------------------------------------------------------------
 
 def set_method(stmt, scope):
-    name = stmt.args[0]
-    if name not in METHODS:
-        raise stmt.error(f'unknown method "{name}" (expected one of {", ".join(METHODS)})')
-    scope.values["method"] = METHODS[name]
+    name = method_name(stmt.args[0])
+    if name is None:
+        expected = ", ".join(METHODS + tuple(METHOD_ALIASES))
+        raise stmt.error(f'unknown method "{stmt.args[0]}" (expected one of {expected})')
+    scope.values["method"] = name
 
 
 def set_persistence(stmt, scope):
     kind = stmt.args[0]
-    if kind not in PERSISTENCE_OPTIONS:
+    mode = PERSISTENCE_MODES.get(kind)
+    if mode is None:
         raise stmt.error(f'unknown persistence "{kind}" '
-                         f'(expected one of {", ".join(PERSISTENCE_OPTIONS)})')
-    options = split_options(stmt, stmt.args[1:], PERSISTENCE_OPTIONS[kind],
-                            f'"persistence {kind}"')
-    fields = {"kind": kind, "ttl": PERSISTENCE_TTL.get(kind, 0.0)}
+                         f'(expected one of {", ".join(PERSISTENCE_MODES)})')
+    options = split_options(stmt, stmt.args[1:], mode.options, f'"persistence {kind}"')
+    fields = {"kind": kind, "ttl": mode.ttl}
     if "ttl" in options:
         fields["ttl"] = to_time(stmt, options["ttl"], positive=True)
     if "table_size" in options:
@@ -111,7 +101,7 @@ def set_persistence(stmt, scope):
             raise stmt.invalid(options["learn"], "a cookie name is a token")
         fields["learn"] = options["learn"]
     if "key" in options:
-        fields["key"] = to_single_variable(stmt, options["key"])
+        fields["key"] = Template(compile_template(stmt, to_single_variable(stmt, options["key"])))
     scope.values["persistence"] = Persistence(**fields)
 
 

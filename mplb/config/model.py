@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Mapping, Optional
 
+from mplb.vocabulary import (DEFAULT_COOKIE_NAME, DEFAULT_HASH_KEY, DEFAULT_METHOD,
+                             DEFAULT_TABLE_SIZE)
+
 
 @dataclass(frozen=True)
 class Listen:
@@ -62,14 +65,27 @@ class UpstreamServer:
 
 
 @dataclass(frozen=True)
+class Template:
+    """A value with variables, split at load time into ``(is_variable, text)`` parts so
+    workers never parse it; ``((True, "uri"),)`` is ``$uri``."""
+
+    parts: tuple
+
+    @property
+    def source(self) -> str:
+        """The value as an operator would write it."""
+        return "".join(f"${text}" if is_variable else text for is_variable, text in self.parts)
+
+
+@dataclass(frozen=True)
 class Persistence:
-    kind: str = "none"                  # none | ip_hash | cookie | consistent_hash
-    ttl: float = 0.0                    # seconds; kind-specific default filled by builder
-    table_size: int = 65536
-    cookie_name: str = "MPLB_SESSION"
+    kind: str = "none"                  # a name of vocabulary.PERSISTENCE_MODES
+    ttl: float = 0.0                    # seconds; the mode's default filled by the handler
+    table_size: int = DEFAULT_TABLE_SIZE
+    cookie_name: str = DEFAULT_COOKIE_NAME
     secret: str = ""                    # empty: a random per-master secret
     learn: Optional[str] = None         # cookie mode: learn this backend cookie
-    key: str = "$uri"                   # consistent_hash key template (a variable)
+    key: Template = Template(((True, DEFAULT_HASH_KEY.lstrip("$")),))  # consistent_hash
 
 
 @dataclass(frozen=True)
@@ -84,7 +100,7 @@ class HealthCheck:
 @dataclass(frozen=True)
 class Upstream:
     name: str
-    method: str = "weighted_round_robin"   # weighted_round_robin | round_robin | least_connections
+    method: str = DEFAULT_METHOD            # a name of vocabulary.METHODS
     persistence: Persistence = field(default_factory=Persistence)
     servers: tuple = ()                     # tuple[UpstreamServer, ...]
     keepalive: int = 32

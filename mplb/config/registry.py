@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from mplb.config import handlers as h
+from mplb.vocabulary import DEFAULT_METHOD, METHOD_ALIASES, METHODS, persistence_syntax
 
 MAIN, EVENTS, UPSTREAM, SERVER, LOCATION = "main", "events", "upstream", "server", "location"
 INHERITED = (MAIN, SERVER, LOCATION)
@@ -96,16 +97,13 @@ DIRECTIVES = (
        "and request time.", "access_log /var/log/mplb/access.log;", h.set_access_log),
     # --- upstream ---
     _d("method", (UPSTREAM,), (1, 1),
-       "weighted_round_robin | round_robin | least_connections | least_conn;",
-       "weighted_round_robin",
+       " | ".join(METHODS + tuple(METHOD_ALIASES)) + ";", DEFAULT_METHOD,
        "Chooses the balancing method; least_conn is an alias of least_connections, which "
        "counts connections (tunnels included) across all workers.  The rotation (and "
        "least_connections' tie-break) is one position shared by all workers, so a few "
        "requests taken by different workers still go round the servers.",
        "method least_connections;", h.set_method),
-    _d("persistence", (UPSTREAM,), (1, 5),
-       "none | ip_hash [ttl=time] [table_size=number] | cookie [name=name] [ttl=time] "
-       "[secret=string] [learn=cookie] | consistent_hash [key=$variable];", "none",
+    _d("persistence", (UPSTREAM,), (1, 5), persistence_syntax() + ";", "none",
        "Sends a client seen before to the same server: by client address, by a signed "
        "cookie (or a learned backend cookie), or by a consistent hash of a variable.",
        "persistence cookie name=SRV ttl=1h;", h.set_persistence),

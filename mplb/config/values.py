@@ -14,12 +14,7 @@ from typing import Optional
 from mplb.config.model import AccessRule
 from mplb.config.units import parse_size, parse_time
 from mplb.errors import ConfigError
-
-# Variables a worker can compute per request (spec section 3.4); $http_NAME is open-ended.
-VARIABLES = frozenset({
-    "host", "remote_addr", "remote_port", "server_addr", "server_port", "scheme",
-    "request_method", "request_uri", "uri", "args", "proxy_add_x_forwarded_for",
-})
+from mplb.vocabulary import HEADER_VARIABLE_PREFIX, VARIABLES
 _VAR = re.compile(r"\$(?:\{([A-Za-z0-9_]*)\}|([A-Za-z0-9_]*))")
 
 
@@ -101,7 +96,7 @@ def check_variable(stmt: Stmt, name: str) -> str:
     lowered = name.lower()
     if lowered in VARIABLES:
         return lowered
-    if lowered.startswith("http_") and len(lowered) > len("http_"):
+    if lowered.startswith(HEADER_VARIABLE_PREFIX) and len(lowered) > len(HEADER_VARIABLE_PREFIX):
         return lowered
     if not name:
         raise stmt.error(f'invalid variable name in "{stmt.name}" directive')

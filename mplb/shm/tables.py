@@ -1,10 +1,10 @@
 """Persistence tables in shared memory: fixed capacity, TTL, approximate LRU, many writers.
 
 A table is an array of entries of 5 int64 words ``seq, k1, k2, value, last_used`` (last used
-in monotonic microseconds) inside the shared segment (mplb.shm), or inside private memory
+in monotonic microseconds) inside the shared segment (mplb.shm.layout), or inside private memory
 for a single process.
 
-Concurrency scheme (see also mplb.shm):
+Concurrency scheme (see also mplb.shm.layout):
 
 - A table is set-associative: a key hashes (blake2b-128 keyed with the per-master salt, so
   clients cannot aim at one group) to a group of 16 entries.  Entries are filled in order

@@ -1,0 +1,207 @@
+"""The worker process: boot after fork, run, heartbeat, stop.
+
+The master forks a worker and calls ``run_worker``; everything gevent happens from
+here on, so the master never imports gevent.  ``Lifecycle`` is what the process does
+with its time: start accepting, tell the master it is ready, prove every second that
+its event loop runs, and stop when told (QUIT: finish in-flight work and hand tunnels
+over; TERM: now).
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import signal
+import sys
+import time
+
+import gevent
+
+from mplb import logs
+from mplb.workers import tunnel
+from mplb.workers.handover import HandoverServer
+
+log = logging.getLogger("mplb.worker")
+
+HEARTBEAT_INTERVAL = 1.0
+EXIT_BOOT_FAILURE = 3          # the master stops instead of re-forking forever
+TRIM_AFTER_ACCEPTS = 256
+DRAIN_TICK = 0.05
+
+
+class WorkerContext:
+    """What the master hands a worker at fork time."""
+
+    def __init__(self, config, listen_sockets, control_fd, shared, slot, number,
+                 generation, master_pid, verbose):
+        self.config = config
+        self.listen_sockets = listen_sockets      # {listen key: (socket, Listen)}
+        self.control_fd = control_fd
+        self.shared = shared
+        self.slot = slot
+        self.number = number
+        self.generation = generation
+        self.master_pid = master_pid
+        self.verbose = verbose
+
+
+class Lifecycle:
+    """Start, heartbeat and stop of one worker process."""
+
+    def __init__(self, worker):
+        self.worker = worker
+        self.ctx = worker.ctx
+        self.handover = None
+
+    def run(self):
+        worker = self.worker
+        worker.acceptor.start(self.ctx.listen_sockets)
+        gevent.signal_handler(signal.SIGQUIT, self.graceful_stop)
+        gevent.signal_handler(signal.SIGTERM, self.fast_stop)
+        gevent.signal_handler(signal.SIGUSR1, self.reopen_logs)
+        # fork_worker left signals blocked until these handlers exist; any QUIT or TERM
+        # sent meanwhile is delivered now, to them.
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        try:
+            self.handover = HandoverServer(worker, self.ctx.master_pid)
+        except OSError as exc:
+            log.error("cannot listen for tunnel handovers: %s", exc)
+        try:
+            os.write(self.ctx.control_fd, b"r")      # ready: the master may retire the old
+        except OSError:
+            self.fast_stop()
+        gevent.spawn(self.heartbeat_loop).join()
+
+    def heartbeat_loop(self):
+        """Prove to the master that the event loop runs; leave if the master is gone."""
+        fd = self.ctx.control_fd
+        acceptor = self.worker.acceptor
+        while True:
+            if os.getppid() != self.ctx.master_pid:
+                log.error("master process is gone, worker exiting")
+                self.fast_stop()
+            try:
+                os.write(fd, b"h")
+            except BlockingIOError:
+                pass
+            except OSError:
+                self.fast_stop()
+            self.worker.accounting.access_log.flush()   # a quiet worker writes its lines
+            if acceptor.accepted_since_trim >= TRIM_AFTER_ACCEPTS:
+                acceptor.accepted_since_trim = 0
+                release_free_memory()
+            gevent.sleep(HEARTBEAT_INTERVAL)
+
+    def graceful_stop(self):
+        """Stop accepting, finish in-flight requests, then tunnels (bounded by config)."""
+        worker = self.worker
+        if worker.stopping:
+            return
+        worker.stopping = True
+        worker.acceptor.stop()
+        gevent.spawn(self._drain)
+
+    def _drain(self):
+        worker = self.worker
+        deadline = worker.config.worker_shutdown_timeout
+        started = time.monotonic()
+        while True:
+            worker.acceptor.close_idle(time.monotonic() - started)
+            worker.tunnels.hand_over()
+            if not worker.acceptor.connections and not tunnel.live_tunnel_count():
+                break
+            if deadline is not None and time.monotonic() - started >= deadline:
+                tunnel.close_all_tunnels("shutdown", 1001)
+                break
+            gevent.sleep(DRAIN_TICK)
+        self.exit(0)
+
+    def fast_stop(self):
+        self.exit(0)
+
+    def exit(self, code):
+        stop_profiling()
+        self.worker.accounting.access_log.flush()
+        logging.shutdown()
+        os._exit(code)
+
+    def reopen_logs(self):
+        logs.reopen()
+        self.worker.accounting.access_log.reopen()
+
+
+def run_worker(ctx):
+    """Entry point in the forked child; never returns."""
+    code = 0
+    try:
+        try:
+            from setproctitle import setproctitle
+            setproctitle(f"mplb: worker process #{ctx.number}")
+        except ImportError:
+            pass
+        gevent.reinit()
+        # What exists now (config, modules) lives as long as the worker: keep it out of
+        # every collection, and collect the young generation less often.
+        gc.freeze()
+        gc.set_threshold(7000, 20, 20)
+        try:
+            from mplb.workers.worker import Worker
+            worker = Worker(ctx)
+        except Exception as exc:   # noqa: BLE001 - reported to the master by exit code
+            log.error("worker boot failed: %s", exc)
+            logging.shutdown()
+            os._exit(EXIT_BOOT_FAILURE)
+        if ctx.shared is not None:
+            ctx.shared.worker_started(ctx.slot, os.getpid(), ctx.generation)
+        start_profiling()
+        worker.lifecycle.run()
+    except SystemExit as exc:
+        code = exc.code or 0
+    except BaseException:   # noqa: BLE001 - the child must never return into the master code
+        log.exception("worker crashed")
+        code = 1
+    finally:
+        sys.stdout.flush()
+        os._exit(code)
+
+
+# -- process-wide services ------------------------------------------------------------
+_PROFILE = {"profiler": None, "dir": None}
+
+
+def start_profiling():
+    """MPLB_PROFILE_DIR=DIR: cProfile each worker, one file per pid, written at exit."""
+    if os.environ.get("MPLB_PROFILE_DIR"):
+        import cProfile
+        _PROFILE["dir"] = os.environ["MPLB_PROFILE_DIR"]
+        _PROFILE["profiler"] = cProfile.Profile(time.process_time)
+        _PROFILE["profiler"].enable()
+
+
+def stop_profiling():
+    if _PROFILE["profiler"] is not None:
+        _PROFILE["profiler"].disable()
+        _PROFILE["profiler"].dump_stats(
+            os.path.join(_PROFILE["dir"], f"worker-{os.getpid()}.prof"))
+
+
+def _load_malloc_trim():
+    try:
+        import ctypes
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def release_free_memory():
+    """Give freed heap pages back to the kernel after a burst of connections.
+
+    Thousands of handshakes at once leave their buffers and greenlet stacks freed but
+    scattered through the heap; glibc keeps such pages until asked.  Long-lived tunnels
+    would otherwise pay for the burst that opened them.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
