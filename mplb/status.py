@@ -1,6 +1,6 @@
 """Statistics from the shared segment: one snapshot, three renderings.
 
-``collect`` reads the segment into plain data (the JSON shape of spec section 7);
+``collect`` reads the segment into plain data (the JSON shape the README documents);
 ``render`` answers the ``mplb_status`` location with JSON (the default), Prometheus text
 (``?format=prometheus``) or the HTML dashboard (``?format=html``, or a client whose
 ``Accept`` asks for ``text/html`` without ``?format=json``).
@@ -30,7 +30,7 @@ CONTENT_TYPES = {
 # -- snapshot ---------------------------------------------------------------------------
 
 def collect(shared, config, now_wall: float = None) -> dict:
-    """A snapshot of the running instance as plain data (spec section 7 shape, plus extras).
+    """A snapshot of the running instance as plain data (the documented shape, plus extras).
 
     ``config`` may be None (a tool without the configuration): servers are then listed
     by URL from the segment's directory under the upstream name ``null``.

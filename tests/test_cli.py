@@ -4,7 +4,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 
@@ -114,17 +113,6 @@ def test_signal_without_pid_file(tmp_path):
     result = run_mplb("-s", "stop", "-conf", conf)
     assert result.returncode == 1
     assert "pid" in result.stderr
-
-
-def test_master_does_not_import_gevent():
-    code = ("import sys; import mplb.master, mplb.cli, mplb.config, mplb.shm; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('gevent', 'workers')))")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            cwd=ROOT, env=env, timeout=30)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
 
 
 # -- a running master -----------------------------------------------------------------

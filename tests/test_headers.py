@@ -6,7 +6,7 @@ import pytest
 from mplb.config import load
 from mplb.config.model import UpstreamServer
 from mplb.workers.headers import HeadPlan, connection_tokens
-from mplb.workers.http import SPECIAL_REQUEST_HEADERS
+from mplb.workers.requestheaders import SPECIAL_REQUEST_HEADERS
 from mplb.workers.request import Request
 
 

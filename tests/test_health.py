@@ -126,11 +126,3 @@ def test_checker_marks_down_and_up(shared, caplog):
     finally:
         checker.stop()
         backend.close()
-
-
-def test_master_side_does_not_import_gevent():
-    import subprocess
-    import sys
-    code = "import sys, mplb.health, mplb.shm; assert 'gevent' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True,
-                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -18,11 +18,13 @@ from collections import deque
 import httptools
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
 
-from mplb.workers.headers import connection_tokens
 from mplb.workers.netio import peek, recv_into
 from mplb.workers.proxy import ClientGone, UpstreamExchange
 from mplb.workers.request import BadRequest, Request
-from mplb.workers.responses import CONTINUE_100, local_response, redirect_response
+from mplb.workers.requestheaders import SPECIAL_LENGTHS, SPECIAL_REQUEST_HEADERS
+from mplb.workers.exchange import Exchange
+from mplb.workers.localanswer import LocalAnswer, StatusAnswer
+from mplb.workers.responses import CONTINUE_100, local_response
 
 log = logging.getLogger("mplb.http")
 
@@ -34,54 +36,6 @@ RECV_SIZE = 16384
 # buffer, and a new connection costs no 16 KiB allocation and zero-fill.
 _RECV_BUFFER = bytearray(RECV_SIZE)
 _RECV_VIEW = memoryview(_RECV_BUFFER)
-# Errors after which the connection's framing cannot be trusted: answer and close.
-CLOSING_STATUSES = frozenset({400, 408, 413, 414, 417, 431, 500, 502, 504})
-
-
-def _connection_header(request, value):
-    tokens = connection_tokens(value)
-    named = tokens - {b"close", b"keep-alive", b"upgrade"}
-    request.connection_named = (request.connection_named or frozenset()) | named
-    if b"upgrade" in tokens:
-        request.is_upgrade = True    # confirmed in on_headers_complete
-
-
-def _expect_header(request, value):
-    if value.lower() != b"100-continue":
-        raise BadRequest(417, "unsupported expectation")
-    request.expect_continue = True
-
-
-def _transfer_encoding_header(request, value):
-    if value.strip().lower() != b"chunked" or request.chunked:
-        raise BadRequest(400, "unsupported transfer coding")
-    request.chunked = True
-
-
-def _content_length_header(request, value):
-    request.content_length = int(value)
-
-
-def _host_header(request, value):
-    if request.host_seen:
-        raise BadRequest(400, "duplicate Host header")   # nginx: 400
-    request.host_seen = True
-    request.host_value = value
-
-
-def _forwarded_for_header(request, value):
-    previous = request.forwarded_for
-    request.forwarded_for = value if previous is None else previous + b", " + value
-
-
-# Headers that change how mplb handles a request, by lower-case name.  The callback
-# lowercases only names of one of these lengths, so a common header costs one set
-# lookup.
-SPECIAL_REQUEST_HEADERS = {b"connection": _connection_header, b"expect": _expect_header,
-                           b"transfer-encoding": _transfer_encoding_header,
-                           b"content-length": _content_length_header, b"host": _host_header,
-                           b"x-forwarded-for": _forwarded_for_header}
-SPECIAL_LENGTHS = frozenset(len(name) for name in SPECIAL_REQUEST_HEADERS)
 
 
 # One shared string per common method and version instead of a new one per request:
@@ -341,7 +295,7 @@ class ClientConnection:
             raise CloseConnection()
         return True
 
-    def _begin(self, request):
+    def _begin(self, request) -> Exchange:
         """Route the request and return its exchange (upstream, or local answer)."""
         worker = self.worker
         if request.method == "CONNECT":
@@ -510,55 +464,3 @@ class _BodyAfterPause:
         else:
             self.request.complete = True
             self.request = None
-
-
-class LocalAnswer:
-    """An exchange answered by mplb itself (errors, ``return``)."""
-
-    def __init__(self, conn, status, settings=None, location=None):
-        self.conn = conn
-        self.status = status
-        self.settings = settings
-        self.location = location
-
-    def send_body(self, request):
-        request.body_chunks.clear()   # discarded: nobody upstream wants it
-
-    def finish(self, request, force_close=False) -> bool:
-        conn = self.conn
-        keep_alive = (not force_close and self.status not in CLOSING_STATUSES
-                      and conn.keep_alive_after(request))
-        head_only = request.method == "HEAD"
-        location = self.location
-        if location is not None and self.status in (301, 302, 303, 307, 308):
-            data = redirect_response(self.status, location.return_text,
-                                     keep_alive=keep_alive, head_only=head_only)
-        elif location is not None:
-            body = location.return_text.encode() if location.return_text else None
-            data = local_response(self.status, body, keep_alive=keep_alive, head_only=head_only)
-        else:
-            data = local_response(self.status, keep_alive=keep_alive, head_only=head_only)
-        conn.sock.sendall(data)
-        conn.worker.accounting.log_access(conn, request, self.status, len(data), None, None)
-        return keep_alive
-
-    def abort(self):
-        pass
-
-
-class StatusAnswer(LocalAnswer):
-    """The ``mplb_status`` location: statistics as JSON, Prometheus text or HTML."""
-
-    def __init__(self, conn, settings):
-        super().__init__(conn, 200, settings=settings)
-
-    def finish(self, request, force_close=False) -> bool:
-        conn = self.conn
-        keep_alive = not force_close and conn.keep_alive_after(request)
-        status, content_type, body = conn.worker.render_status(request)
-        data = local_response(status, body, keep_alive=keep_alive, content_type=content_type,
-                              extra=[b"Cache-Control: no-store\r\n"],
-                              head_only=request.method == "HEAD")
-        conn.sock.sendall(data)
-        conn.worker.accounting.log_access(conn, request, status, len(data), None, None)
-        return keep_alive

@@ -48,7 +48,8 @@ class UpstreamFailed(Exception):
 
 
 class UpstreamExchange:
-    """A request on its way to an upstream server and its response on the way back."""
+    """A request on its way to an upstream server and its response on the way back
+    (an Exchange, workers.exchange)."""
 
     pick = None
     sock = None

@@ -5,8 +5,8 @@ almost nothing.  A tunnel is a small object with one libev io watcher per socket
 reads go into ONE buffer shared by every tunnel of the worker (callbacks run one at a
 time) and are sent on at once.  Only when a peer's send would block is the unsent tail
 kept (bounded by the read size) and the other side's reading paused (backpressure)
-until it drains.  One periodic sweep timer per worker handles idle/send timeouts,
-keepalive pings and flushing of a tunnel that is ending for all tunnels.
+until it drains.  Bulk flows move through a kernel pipe (workers.tunnelsplice); what
+happens when nothing moves (timeouts, keepalive pings) is workers.tunnelsweep's.
 
 A tunnel ends as soon as either side closes or resets (nginx does the same): the bytes
 already read from that side are passed on, then both sockets close and the tunnel's
@@ -19,16 +19,16 @@ tracks frame boundaries so mplb can inject Ping/Close frames between frames.
 from __future__ import annotations
 
 import logging
-import os
 import _socket
 import ssl
-import struct
 import time
 
 import gevent
 
-from mplb.workers.wsframes import (CLOSE_GOING_AWAY, OP_CLOSE, OP_PING, PING_MAGIC,
-                              FrameTracker, ProtocolError, build_frame, close_payload)
+from mplb.workers import tunnelsplice as splice
+from mplb.workers.tunnelsweep import ensure_sweep, worker_token
+from mplb.workers.wsframes import (CLOSE_GOING_AWAY, OP_CLOSE, FrameTracker, ProtocolError,
+                                   build_frame, close_payload)
 
 log = logging.getLogger("mplb.tunnel")
 
@@ -36,20 +36,13 @@ READ, WRITE = 1, 2
 BUF_SIZE = 64 * 1024            # one shared read buffer per worker
 READS_PER_WAKEUP = 8            # fairness: at most 8 reads per io callback
 SPLICE_MIN = BUF_SIZE           # a read that fills the buffer marks a flow as bulk
-PIPE_IDLE = 10.0                # an idle bulk flow gives its pipe back after this long
-SPLICE_FLAGS = getattr(os, "SPLICE_F_NONBLOCK", 0) | getattr(os, "SPLICE_F_MOVE", 0)
-# scripts/bench_relay.py, 1 GiB over loopback, 2 CPUs: recv/send ~0.8-0.9 GB/s, splice
-# ~1.2-1.5 GB/s; 64-byte echo is the same path either way (pipes are only made for bulk
-# flows, lazily, and given back when idle), so idle tunnels never hold pipe fds.
-USE_SPLICE = True
+USE_SPLICE = True               # scripts/bench_relay.py: splice wins for bulk flows
 
 _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError,
                 ssl.SSLWantWriteError)
 _buf = bytearray(BUF_SIZE)
 _view = memoryview(_buf)
 _live: set = set()              # live tunnels of this worker process
-_sweep = {"timer": None, "period": 0.0}
-_token = {"pid": 0, "value": b""}
 
 
 def start_tunnel(client_sock, backend_sock, client_pending: bytes, backend_pending: bytes,
@@ -76,13 +69,6 @@ def close_all_tunnels(reason: str = "shutdown", code: int = CLOSE_GOING_AWAY) ->
     for tunnel in tunnels:
         tunnel.close(reason, code=code, best_effort=True)
     return len(tunnels)
-
-
-def _worker_token() -> bytes:
-    """Random per-process ping prefix so chained mplbs never eat each other's pongs."""
-    if _token["pid"] != os.getpid():
-        _token["pid"], _token["value"] = os.getpid(), PING_MAGIC + os.urandom(4)
-    return _token["value"]
 
 
 class _End:
@@ -161,11 +147,11 @@ class Tunnel:
         self.framing = bool(settings.proxy_websocket_keepalive) if framing is None else framing
         self.client = _End("client", client_sock, masked=False)
         self.backend = _End("backend", backend_sock, masked=True)
-        splice = use_splice and not self.framing and hasattr(os, "splice")
-        prefix = _worker_token() if self.framing else None
+        splice_ok = use_splice and not self.framing and splice.AVAILABLE
+        prefix = worker_token() if self.framing else None
         self.up = _Flow(self.client, self.backend,
                         FrameTracker(prefix) if self.framing else None,
-                        splice and self.client.ssl is None and self.backend.ssl is None)
+                        splice_ok and self.client.ssl is None and self.backend.ssl is None)
         self.down = _Flow(self.backend, self.client,
                           FrameTracker(prefix) if self.framing else None,
                           self.up.splice)
@@ -178,7 +164,7 @@ class Tunnel:
     # ---- lifecycle -------------------------------------------------------------------
     def start(self, client_pending: bytes, backend_pending: bytes) -> None:
         _live.add(self)
-        _ensure_sweep(self.settings)
+        ensure_sweep(self.settings, _live)
         loop = gevent.get_hub().loop
         for end, cb in ((self.client, self._on_client), (self.backend, self._on_backend)):
             end.watcher = loop.io(end.fd, READ)
@@ -189,7 +175,7 @@ class Tunnel:
                 flow.src.rx += len(data)
                 self._forward(flow, memoryview(data), time.monotonic())
         if not self.closed:
-            self._update()
+            self.rearm()
         for end, flow in ((self.client, self.up), (self.backend, self.down)):
             if end.has_buffered() and not self.closed:
                 # TLS bytes already decrypted: no fd event will announce them.
@@ -208,10 +194,7 @@ class Tunnel:
             self._say_close(self.down, code, best_effort)
             self._say_close(self.up, code, best_effort)
         for flow in (self.up, self.down):
-            if flow.pipe:
-                for fd in flow.pipe:
-                    os.close(fd)
-                flow.pipe = None
+            splice.close_pipe(flow)
             flow.tail = None
         for end in (self.client, self.backend):
             if end.watcher is not None:
@@ -245,17 +228,7 @@ class Tunnel:
         _live.discard(self)
         tails = []
         for flow in (self.up, self.down):
-            data = bytearray(flow.tail or b"")
-            if flow.pipe is not None:
-                while flow.inpipe > 0:
-                    chunk = os.read(flow.pipe[0], flow.inpipe)
-                    if not chunk:
-                        break
-                    data += chunk
-                    flow.inpipe -= len(chunk)
-                for fd in flow.pipe:
-                    os.close(fd)
-                flow.pipe = None
+            data = (flow.tail or b"") + (splice.take_pending(flow) if flow.pipe else b"")
             flow.tail = None
             tails.append(bytes(data))
         state = {"client_rx": self.client.rx, "client_tx": self.client.tx,
@@ -286,7 +259,7 @@ class Tunnel:
         except (OSError, ValueError):
             pass
 
-    def _fail(self, end, exc) -> None:
+    def write_failed(self, end, exc) -> None:
         """Writing to ``end`` failed: nothing more can reach it, close at once."""
         log.debug("tunnel %s error: %s", end.name, exc)
         if end is self.backend:
@@ -327,7 +300,7 @@ class Tunnel:
             if not revents & WRITE and not outflow.eof and not outflow.blocked():
                 return      # the common case: everything passed on, watchers stay as they are
         if not self.closed:
-            self._update()
+            self.rearm()
 
     def _relay_once(self, src, flow) -> None:
         """The common wake-up, inline: one read from a plain socket, sent on at once.
@@ -345,7 +318,7 @@ class Tunnel:
         if n == 0:
             self._on_eof(flow)
             if not self.closed:
-                self._update()
+                self.rearm()
             return
         now = time.monotonic()
         src.rx += n
@@ -356,7 +329,7 @@ class Tunnel:
         except _WOULD_BLOCK:
             sent = 0
         except OSError as exc:
-            return self._fail(dst, exc)
+            return self.write_failed(dst, exc)
         dst.tx += sent
         if sent == n and n < BUF_SIZE:
             return
@@ -365,12 +338,12 @@ class Tunnel:
             flow.stall = now
         else:                          # a full buffer: more is probably waiting
             if flow.splice and n == SPLICE_MIN:
-                self._open_pipe(flow, now)
+                splice.open_pipe(flow, now)
             self._pump(flow)
         if not self.closed:
-            self._update()
+            self.rearm()
 
-    def _update(self) -> None:
+    def rearm(self) -> None:
         """Re-arm watchers: read a side unless backpressured/EOF; write while a tail waits."""
         for end, outflow, inflow in ((self.client, self.up, self.down),
                                      (self.backend, self.down, self.up)):
@@ -412,7 +385,7 @@ class Tunnel:
             if n < BUF_SIZE and not src.has_buffered():
                 return
             if flow.splice and n == SPLICE_MIN:
-                self._open_pipe(flow, now)
+                splice.open_pipe(flow, now)
         if src.has_buffered():        # TLS bytes already decrypted: no fd event will come
             gevent.get_hub().loop.run_callback(self._handle, src, None, flow, READ)
 
@@ -422,7 +395,7 @@ class Tunnel:
             try:
                 data = flow.tracker.feed(data)
             except ProtocolError as exc:
-                self._fail(flow.src, exc)
+                self.write_failed(flow.src, exc)
                 return False
             if flow.tracker.pongs:
                 flow.tracker.pongs = 0
@@ -434,7 +407,7 @@ class Tunnel:
         except _WOULD_BLOCK:
             sent = 0
         except OSError as exc:
-            self._fail(flow.dst, exc)
+            self.write_failed(flow.dst, exc)
             return False
         if sent == len(data):
             return True
@@ -447,60 +420,33 @@ class Tunnel:
         dst = flow.dst
         try:
             if flow.inpipe:
-                n = os.splice(flow.pipe[0], dst.fd, flow.inpipe, flags=SPLICE_FLAGS)
-                dst.tx += n
-                flow.inpipe -= n
+                n = splice.pour(flow)
             else:
                 n = dst.send(flow.tail)
                 flow.tail = flow.tail[n:] or None
         except _WOULD_BLOCK:
             return
         except OSError as exc:
-            return self._fail(dst, exc)
+            return self.write_failed(dst, exc)
         if n:
             flow.stall = time.monotonic()
         if not flow.blocked() and flow.eof:
             self._finish(flow)
 
-    # ---- splice path (keepalive off, plain sockets) ----------------------------------
-    def _open_pipe(self, flow, now) -> None:
-        try:
-            flow.pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:               # out of fds: stay on recv/send
-            flow.splice = False
-            return
-        flow.pipe_used = now
-
     def _splice_in(self, flow, now) -> bool:
-        """socket -> pipe -> socket without copying; False when blocked/closed/EOF."""
-        src, dst = flow.src, flow.dst
-        try:
-            n = os.splice(src.fd, flow.pipe[1], BUF_SIZE * 4, flags=SPLICE_FLAGS)
-        except _WOULD_BLOCK:
-            return False
-        except OSError as exc:
-            self._read_failed(flow, exc)
-            return False
-        if n == 0:
+        """One bulk move through the flow's pipe; False when blocked, ended or failed."""
+        outcome, exc = splice.splice_through(flow, BUF_SIZE * 4, now)
+        if outcome == splice.MOVED:
+            return True
+        if outcome == splice.EOF:
             self._on_eof(flow)
-            return False
-        src.rx += n
-        src.last_rx = flow.pipe_used = now
-        try:
-            m = os.splice(flow.pipe[0], dst.fd, n, flags=SPLICE_FLAGS)
-        except _WOULD_BLOCK:
-            m = 0
-        except OSError as exc:
-            self._fail(dst, exc)
-            return False
-        dst.tx += m
-        if m < n:
-            flow.inpipe = n - m
-            flow.stall = now
-            return False
-        return True
+        elif outcome == splice.READ_FAILED:
+            self._read_failed(flow, exc)
+        elif outcome == splice.WRITE_FAILED:
+            self.write_failed(flow.dst, exc)
+        return False
 
-    # ---- the end, keepalive, timeouts --------------------------------------------------
+    # ---- the end -----------------------------------------------------------------------
     def _on_eof(self, flow) -> None:
         """``flow.src`` closed (or reset): finish passing on its bytes, then end."""
         flow.eof = True
@@ -520,50 +466,14 @@ class Tunnel:
             self._say_close(flow, CLOSE_GOING_AWAY, False)
         self.close(self.reason)
 
-    def sweep(self, now: float) -> None:
-        """Called by the worker's sweep timer: timeouts, keepalive pings, pipe reclaim."""
-        s = self.settings
-        for flow in (self.up, self.down):
-            if flow.blocked() and now - flow.stall > s.proxy_send_timeout:
-                failed = flow.dst is self.backend
-                return self.close("send timeout", backend_failed=failed)
-            if flow.pipe is not None and not flow.inpipe and now - flow.pipe_used > PIPE_IDLE:
-                os.close(flow.pipe[0])
-                os.close(flow.pipe[1])
-                flow.pipe = None
-        last = max(self.client.last_rx, self.backend.last_rx)
-        if now - last > s.proxy_read_timeout and not self.ending:
-            return self.close("timeout", code=CLOSE_GOING_AWAY if self.framing else None)
-        if not self.framing or self.ending:
-            return
-        for end, toward in ((self.client, self.down), (self.backend, self.up)):
-            if end.ping_at:
-                if end.last_rx < end.ping_at and now - end.ping_at > s.proxy_read_timeout:
-                    return self.close("keepalive timeout", code=CLOSE_GOING_AWAY,
-                                      backend_failed=end is self.backend)
-                if end.last_rx >= end.ping_at:
-                    end.ping_at = 0.0
-            if (not end.ping_at and now - end.last_rx >= s.proxy_websocket_keepalive_interval
-                    and toward.tracker.at_boundary() and not toward.blocked()):
-                self._ping(end, toward, now)
-                if self.closed:
-                    return
-
-    def _ping(self, end, toward, now) -> None:
-        self.seq = (self.seq + 1) & 0xFFFFFFFF
-        frame = build_frame(OP_PING, _worker_token() + struct.pack(">I", self.seq), end.masked)
-        end.ping_at = now
-        if self._forward_raw(toward, frame, now):
-            self._update()
-
-    def _forward_raw(self, flow, frame, now) -> bool:
-        """Send an injected frame (no tracking); a partial send becomes the tail."""
+    def send_raw(self, flow, frame, now) -> bool:
+        """Send a frame mplb injects (no tracking); a partial send becomes the tail."""
         try:
             sent = flow.dst.send(frame)
         except _WOULD_BLOCK:
             sent = 0
         except OSError as exc:
-            self._fail(flow.dst, exc)
+            self.write_failed(flow.dst, exc)
             return False
         if sent < len(frame):
             flow.tail = frame[sent:]
@@ -583,38 +493,3 @@ def _drain_and_close(end) -> None:
         end.sock.close()
     except OSError:
         pass
-
-
-# ---- one sweep timer per worker -------------------------------------------------------
-def _period_for(settings) -> float:
-    shortest = min(settings.proxy_read_timeout, settings.proxy_send_timeout,
-                   settings.proxy_websocket_keepalive_interval
-                   if settings.proxy_websocket_keepalive else 1e9)
-    return max(0.05, min(1.0, shortest / 4))
-
-
-def _ensure_sweep(settings) -> None:
-    period = _period_for(settings)
-    timer = _sweep["timer"]
-    if timer is not None and period >= _sweep["period"]:
-        return
-    if timer is not None:
-        timer.stop()
-        timer.close()
-    timer = gevent.get_hub().loop.timer(period, period, ref=False)
-    timer.start(_run_sweep)
-    _sweep["timer"], _sweep["period"] = timer, period
-
-
-def _run_sweep() -> None:
-    if not _live:
-        timer = _sweep["timer"]
-        _sweep["timer"] = None
-        if timer is not None:
-            timer.stop()
-            timer.close()
-        return
-    now = time.monotonic()
-    for tunnel in list(_live):
-        if not tunnel.closed:
-            tunnel.sweep(now)

@@ -1,4 +1,4 @@
-"""Configuration: nginx-style text -> validated, immutable Config (spec section 3).
+"""Configuration: nginx-style text -> validated, immutable Config.
 
 ``load(path)`` is the only entry point the rest of mplb needs; it raises
 ``mplb.errors.ConfigError`` naming the file and line of the first problem.

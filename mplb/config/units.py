@@ -1,4 +1,4 @@
-"""Time and size units, defined once for every directive (spec section 3.1).
+"""Time and size units, defined once for every directive.
 
 Times: ``ms``, ``s``, ``m``, ``h``, ``d``, combinable in descending order (``1h30m``);
 a bare number is seconds.  Sizes: ``k``, ``m``, ``g`` (either case); a bare number is bytes.
