@@ -1,3 +1,15 @@
 """mplb: a multi-process, pre-fork HTTP and WebSocket load balancer."""
+import os as _os
 
 __version__ = "0.1.0"
+
+# The data plane is the subpackage mplb.workers.  Installed, it sits in mplb/workers;
+# in a source checkout it is the repository's top-level workers/ folder, beside this
+# package.  Searching the checkout's root too makes ``mplb.workers`` resolve to the same
+# tree as ``mplb`` when a script or test runs from a checkout (two checkouts side by
+# side, one installed, never mix).
+_HERE = _os.path.dirname(_os.path.abspath(__file__))
+_CHECKOUT = _os.path.dirname(_HERE)
+if (not _os.path.isdir(_os.path.join(_HERE, "workers"))
+        and _os.path.isfile(_os.path.join(_CHECKOUT, "workers", "__init__.py"))):
+    __path__.append(_CHECKOUT)

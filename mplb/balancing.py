@@ -73,10 +73,15 @@ class Balancer:
         self.primary = tuple(i for i, s in enumerate(servers) if not s.backup)
         self.backup = tuple(i for i, s in enumerate(servers) if s.backup)
         self._resolve_words()
-        # Configured-down servers never qualify: the methods never see them.
-        self.tiers = tuple(method_for(self, self.method, tuple(i for i in tier
-                                                               if not servers[i].down))
+        # Configured-down servers never qualify: the methods never see them.  A
+        # primary tier always exists (it may have no server); a backup tier only if
+        # there are backups.
+        primary, backup = (tuple(i for i in tier if not servers[i].down)
                            for tier in (self.primary, self.backup))
+        self.tiers = (method_for(self, self.method, primary),
+                      method_for(self, self.method, backup) if backup else None)
+        self._pick_primary = self.tiers[0].pick
+        self._pick_backup = self.tiers[1].pick if backup else None
         self.persistence = persistence_for(self, upstream)
 
     def _resolve_words(self) -> None:
@@ -108,9 +113,13 @@ class Balancer:
         """Choose a server for ``request`` (skipping ``tried`` indexes); None means 502."""
         persistence = self.persistence
         if persistence is None:
-            index = self.pick_index(tried, None)
+            index = self._pick_primary(tried, None)
             if index is None:
-                return None
+                if self._pick_backup is None:
+                    return None
+                index = self._pick_backup(tried, None)
+                if index is None:
+                    return None
             pick = Pick(index, self.servers[index], self.sids[index])
         else:
             decided = persistence.decide(request, tried)
@@ -152,7 +161,7 @@ class Balancer:
     def pick_index(self, tried=EMPTY, now=None) -> Optional[int]:
         """The method's choice among primaries, else among backups; None if none."""
         primary, backup = self.tiers
-        index = primary.pick(tried, now) if primary is not None else None
+        index = primary.pick(tried, now)
         if index is None and backup is not None:
             index = backup.pick(tried, now)
         return index

@@ -133,22 +133,32 @@ class Single:
     """A tier of one server (every method picks it when it is eligible)."""
 
     def __init__(self, balancer, tier):
-        self.b = balancer
         self.index = tier[0]
+        self.eligible = balancer.eligible
 
     def pick(self, tried, now) -> Optional[int]:
         i = self.index
-        return i if self.b.eligible(i, tried, now) else None
+        return i if self.eligible(i, tried, now) else None
 
 
 PLUGINS = {"weighted_round_robin": Rotation, "round_robin": RoundRobin,
            "least_connections": LeastConnections}
 
 
-def method_for(balancer, name: str, tier: tuple):
-    """The plug-in ``name`` for the servers ``tier`` (indexes), or None for no server."""
-    if not tier:
+class NoServer:
+    """A tier with no server that can ever serve (all configured down)."""
+
+    def __init__(self, balancer, tier):
+        pass
+
+    def pick(self, tried, now) -> None:
         return None
+
+
+def method_for(balancer, name: str, tier: tuple):
+    """The plug-in ``name`` for the servers ``tier`` (indexes)."""
+    if not tier:
+        return NoServer(balancer, tier)
     if len(tier) == 1:
         return Single(balancer, tier)
     return PLUGINS[name](balancer, tier)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 
+from mplb.shm.layout import W_CONNECTIONS
 from mplb.workers.accesslog import AccessLog
 
 log = logging.getLogger("mplb.worker")
@@ -21,16 +22,19 @@ class Accounting:
         self.shared = shared
         self.slot = slot
         self.access_log = AccessLog(access_log_path)
+        self.logging = self.access_log.enabled      # callers may skip log_access when off
         self._exchange_words = {}     # server url -> its words (see count_exchange)
+        # This worker's connection count, one word written on every accept and close.
+        self._q = shared.q if shared is not None else [0]
+        self._connections = (shared.worker_word(slot, W_CONNECTIONS)
+                             if shared is not None else 0)
 
     # -- client connections ------------------------------------------------------------
     def connection_opened(self) -> None:
-        if self.shared is not None:
-            self.shared.worker_connections(self.slot, 1)
+        self._q[self._connections] += 1
 
     def connection_closed(self) -> None:
-        if self.shared is not None:
-            self.shared.worker_connections(self.slot, -1)
+        self._q[self._connections] -= 1
 
     # -- requests ----------------------------------------------------------------------
     def count_exchange(self, server, sent_upstream, received_upstream) -> None:

@@ -416,7 +416,9 @@ class UpstreamExchange:
         reusable = (response.keep_alive and response.complete and self.plan.keepalive
                     and self.upstream.keepalive > 0)
         self._release(failed=False, reusable=reusable)
-        self.worker.accounting.log_access(self.conn, request, response.status, sent, self, response)
+        accounting = self.worker.accounting
+        if accounting.logging:
+            accounting.log_access(self.conn, request, response.status, sent, self, response)
         return keep_client
 
     def _release(self, failed, reusable):

@@ -305,6 +305,10 @@ class SharedState(Reservations):
         self.reset_worker_slot(worker_slot)
         self.q[self.off_workers + worker_slot * WORKER_WORDS + W_PID] = 0
 
+    def worker_word(self, worker_slot: int, field: int) -> int:
+        """Index in ``q`` of one word of a worker's record (W_* fields)."""
+        return self.off_workers + worker_slot * WORKER_WORDS + field
+
     def worker_connections(self, worker_slot: int, delta: int) -> None:
         """Worker: client connections opened (+1) / closed (-1)."""
         self.q[self.off_workers + worker_slot * WORKER_WORDS + W_CONNECTIONS] += delta
