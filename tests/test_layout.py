@@ -12,8 +12,8 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MASTER_SIDE = ("mplb.cli", "mplb.master", "mplb.workerboot", "mplb.health",
-               "mplb.reservation", "mplb.logs", "mplb.errors")
+MASTER_SIDE = ("mplb.cli", "mplb.master", "mplb.listeners", "mplb.workerboot",
+               "mplb.health", "mplb.reservation", "mplb.logs", "mplb.errors")
 
 
 def module_files(package_dir):
