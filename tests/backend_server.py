@@ -16,6 +16,8 @@ Run as ``python tests/backend_server.py --port P --name NAME``.  Endpoints:
 - ``/fake-101``: answers 101 Switching Protocols to a plain request
 - ``/set-cookie/NAME/VALUE``: sets a cookie
 - ``/echo-body``: echoes the request body
+- ``/once/...``: like any path, and remembered; ``/once-log`` lists every ``/once/``
+  path this backend has answered, in order (shows a request served twice)
 - ``/peer``: JSON ``{"backend", "peer_port"}``: the client port of this connection
   (shows whether a proxy reused its upstream connection)
 - WebSocket upgrade on any path: welcome message, then echo (text and binary)
@@ -36,6 +38,8 @@ from patterns import pattern  # noqa: E402  (run as a script: tests/ is on sys.p
 
 
 def make_app(name):
+    answered_once = []
+
     def app(environ, start_response):
         ws = environ.get("wsgi.websocket")
         if ws is not None:
@@ -66,6 +70,13 @@ def make_app(name):
         if parts[0] == "echo-body":
             start_response("200 OK", [("Content-Length", str(len(body))), ("X-Backend", name)])
             return [body]
+        if parts[0] == "once":
+            answered_once.append(path)
+        if parts[0] == "once-log":
+            payload = json.dumps(answered_once).encode()
+            start_response("200 OK", [("Content-Length", str(len(payload))),
+                                      ("Content-Type", "application/json")])
+            return [payload]
         if parts[0] == "peer":
             payload = json.dumps({"backend": name,
                                   "peer_port": int(environ.get("REMOTE_PORT") or 0)}).encode()

@@ -13,6 +13,7 @@ from gevent import socket
 
 from mplb.config.model import ProxySettings
 from mplb.workers import handover, tunnel
+from mplb.workers.tunnelbook import TunnelMove
 
 
 class Record:
@@ -65,7 +66,7 @@ def test_sender_lets_go_once_descriptors_are_sent_even_without_an_answer(
     channel, receiver = socket.socketpair(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
     channel.settimeout(0.3)                       # the answer never comes in time
     try:
-        assert handover._send_one(channel, made) == (True, False)
+        assert handover._send_one(channel, TunnelMove(made)) == (True, False)
         assert tunnel.live_tunnel_count() == 0
         assert record.closes == ["handover"]
         header, fds = receive_fds(receiver)
@@ -89,7 +90,7 @@ def test_sender_keeps_the_tunnel_when_the_descriptors_never_left(live_tunnel):
     channel, receiver = socket.socketpair(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
     receiver.close()                              # nobody at the other end
     try:
-        assert handover._send_one(channel, made) == (False, False)
+        assert handover._send_one(channel, TunnelMove(made)) == (False, False)
         assert tunnel.live_tunnel_count() == 1 and record.closes == []
         client_peer.sendall(b"still here")
         backend_peer.settimeout(5)
@@ -124,7 +125,7 @@ def test_a_dead_receiver_is_dropped_at_its_first_failure(monkeypatch):
     monkeypatch.setattr(handover, "_open_channels", lambda master_pid, targets: [channel])
 
     try:
-        assert handover.hand_over_tunnels(0, [1], made) == 0
+        assert handover.hand_over(0, [1], [TunnelMove(t) for t in made]) == 0
         assert len(attempts) == 1 and tunnel.live_tunnel_count() == 3
     finally:
         for peer in peers:

@@ -1,4 +1,5 @@
 """Reload (SIGHUP) end to end: generations, hitless HTTP, tunnel handover, signals."""
+import collections
 import json
 import os
 import signal
@@ -7,7 +8,8 @@ import threading
 import pytest
 import websocket
 
-from tests.harness import backend_pool, Mplb, free_port, get, port_open, wait_for
+from tests.harness import (RawConnection, backend_pool, Mplb, free_port, get, port_open,
+                           wait_for)
 
 CONF = """
 worker_processes 2;
@@ -123,6 +125,61 @@ def test_requests_never_fail_across_20_reloads(backends, tmp_path):
         mplb.stop()
     assert count[0] > 100
     assert failures == []
+
+
+def test_keepalive_clients_lose_nothing_across_20_reloads(backends, tmp_path):
+    """10 keep-alive clients, a request every 10 ms each, 20 reloads: every request gets
+    exactly one 200 on its own connection (no client retries), and every backend
+    answered each request once.  Idle connections move to the new generation instead
+    of being closed under a request the client has just sent."""
+    port = free_port()
+    servers = [f"server {b.url};" for b in backends]
+    mplb = Mplb(render(port, tmp_path, servers), workers=2, wait_ports=[port])
+    stop, errors, sent = threading.Event(), [], collections.Counter()
+
+    def client(number):
+        try:
+            with RawConnection(port, timeout=10) as conn:
+                seq = 0
+                while not stop.is_set():
+                    path = f"/once/{number}/{seq}"
+                    conn.send(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                    response = conn.read_response()
+                    if response.status != 200 or json.loads(response.body)["path"] != path:
+                        errors.append((path, response.status, response.body[:100]))
+                        return
+                    if response.header("connection") == "close":
+                        errors.append((path, "Connection: close"))
+                        return
+                    sent[number] += 1
+                    seq += 1
+                    stop.wait(0.01)          # the pace of the client, not a synchronisation
+        except (AssertionError, OSError) as exc:
+            errors.append((number, sent[number], repr(exc)))
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(10)]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in range(20):
+            reload_and_wait(mplb)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    try:
+        assert errors == []
+        assert all(sent[n] > 0 for n in range(10))
+        answered = collections.Counter()
+        for backend in backends:
+            answered.update(path for path in json.loads(get(backend.port, "/once-log")[2])
+                            if path.startswith("/once/"))
+        twice = [path for path, n in answered.items() if n > 1]
+        assert twice == []
+        assert sum(answered.values()) == sum(sent.values())
+        assert "idle connection(s) over" in (tmp_path / "error.log").read_text()
+    finally:
+        mplb.stop()
 
 
 def _open_tunnels(port, count):

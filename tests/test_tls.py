@@ -295,3 +295,44 @@ server {{
     finally:
         lb.stop()
         backend.stop()
+
+
+def test_tls_keepalive_connection_gets_connection_close_after_a_reload(tmp_path):
+    """TLS sessions cannot move to the new generation: the old worker answers the next
+    request of an idle TLS keep-alive connection with Connection: close instead of
+    closing it under a request the client may be sending."""
+    import signal
+    gw = Backend(name="tls-reload")
+    port = free_port()
+    config = f"""
+worker_processes 1;
+error_log {tmp_path}/error.log info;
+upstream gw {{ server {gw.url}; }}
+server {{
+    listen 127.0.0.1:{port} ssl;
+    ssl_certificate {CERT};
+    ssl_certificate_key {KEY};
+    location / {{ proxy_pass gw; }}
+}}
+"""
+    lb = Mplb(config, workers=1, wait_ports=[port])
+    conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=20, context=client_context())
+    try:
+        conn.request("GET", "/first")
+        first = conn.getresponse()
+        first.read()
+        assert first.getheader("connection") != "close"
+        old = set(lb.worker_pids())
+        lb.signal(signal.SIGHUP)
+        wait_for(lambda: "generation 2 serving" in (tmp_path / "error.log").read_text(),
+                 message="reload")
+        assert old & set(lb.worker_pids())              # waiting for the TLS session
+        conn.request("GET", "/second")
+        second = conn.getresponse()
+        assert second.status == 200 and json.loads(second.read())["path"] == "/second"
+        assert second.getheader("connection") == "close"
+        wait_for(lambda: not old & set(lb.worker_pids()), message="old worker to exit")
+    finally:
+        conn.close()
+        lb.stop()
+        gw.stop()

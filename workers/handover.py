@@ -1,17 +1,22 @@
-"""Tunnel handover on reload: live tunnels move to the new generation, nothing drops.
+"""Handover on reload: live tunnels and idle keep-alive connections move to the new
+generation, so nothing drops.
 
 Every worker listens on an abstract Unix socket named after the master and its own pid.
-A retiring worker stops relaying each plain-TCP tunnel (``Tunnel.export``), then sends
-both file descriptors (SCM_RIGHTS) with the relay state (bytes not yet written, frame
-tracking, counters, server identity) to a worker of the serving generation, which
-carries on under its configuration.  Only a worker whose parent is our master may hand
-anything over: the receiver checks the peer's credentials.
+A retiring worker sends each movable item (a plain-TCP tunnel: workers.tunnelbook; a
+client connection between requests: workers.acceptor) to a worker of the serving
+generation: its file descriptors (SCM_RIGHTS) with a JSON state naming its kind and
+what the receiver needs to carry on under its own configuration.  Only a worker whose
+parent is our master may hand anything over: the receiver checks the peer's
+credentials.
 
-Wire format, per tunnel: ``sendmsg`` of a 12-byte header (three big-endian uint32:
-state length, client-to-backend tail length, backend-to-client tail length) carrying the
-two fds, then the JSON state and the two tails; the receiver answers ``k``.  The
-descriptors, once sent, belong to the receiver: it adopts the tunnel, or closes it
-(its server left the configuration, or the state did not arrive whole).
+Wire format, per item: ``sendmsg`` of a 12-byte header (three big-endian uint32: state
+length, then the lengths of two byte strings the kind defines) carrying the fds, then
+the JSON state and the two strings; the receiver answers ``k``.  The descriptors, once
+sent, belong to the receiver: it adopts the item, or closes it.
+
+A move (the sender's side of one item) offers ``export() -> (fds, state, a, b)``,
+``handed_over()`` (the receiver owns it now) and ``keep(fds, state, a, b)`` (the
+descriptors never left: carry on here, or close).
 """
 from __future__ import annotations
 
@@ -21,19 +26,16 @@ import logging
 import os
 import socket
 import struct
-import time
 
 import gevent
 from gevent import socket as gsocket
-
-from mplb.workers.tunnel import USE_SPLICE, Tunnel
-from mplb.workers.wsframes import CLOSE_GOING_AWAY, OP_CLOSE, build_frame, close_payload
 
 log = logging.getLogger("mplb.handover")
 
 HEADER = struct.Struct(">III")
 MAX_STATE = 65536
 MAX_TAIL = 4 * 1024 * 1024
+MAX_FDS = 2
 IO_TIMEOUT = 5.0
 
 
@@ -50,11 +52,26 @@ def parent_of(pid: int) -> int:
         return -1
 
 
-class HandoverServer:
-    """Receives tunnels from retiring sibling workers (runs in every worker)."""
+def successor_pids(shared, generation) -> list:
+    """Pids of the serving generation's workers, when it is newer than ``generation``.
 
-    def __init__(self, worker, master_pid):
-        self.worker = worker
+    Never a rolled-back generation's leftover, and never a sibling that is retiring
+    too (on QUIT the whole serving generation retires: nothing moves).
+    """
+    if shared is None or shared.generation <= generation:
+        return []
+    return [w["pid"] for w in shared.workers()
+            if w["generation"] == shared.generation and w["pid"] != os.getpid()]
+
+
+class HandoverServer:
+    """Receives items from retiring sibling workers (runs in every worker).
+
+    ``receivers`` maps a kind to ``(number of fds, adopt(fds, state, a, b))``.
+    """
+
+    def __init__(self, master_pid, receivers):
+        self.receivers = receivers
         self.master_pid = master_pid
         self.sock = gsocket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.bind(socket_name(master_pid, os.getpid()))
@@ -75,7 +92,7 @@ class HandoverServer:
                                     struct.calcsize("3i"))
             pid, _, _ = struct.unpack("3i", creds)
             if parent_of(pid) != self.master_pid:
-                log.warning("refused a tunnel handover from pid %d (not our sibling)", pid)
+                log.warning("refused a handover from pid %d (not our sibling)", pid)
                 conn.close()
                 continue
             gevent.spawn(self._serve, conn)
@@ -86,14 +103,15 @@ class HandoverServer:
             while self._receive_one(conn):
                 pass
         except (OSError, ValueError) as exc:
-            log.error("tunnel handover connection failed: %s", exc)
+            log.error("handover connection failed: %s", exc)
         finally:
             conn.close()
 
     def _receive_one(self, conn) -> bool:
         fds = array.array("i")
         try:
-            data, ancdata, _, _ = conn.recvmsg(HEADER.size, socket.CMSG_SPACE(2 * fds.itemsize))
+            data, ancdata, _, _ = conn.recvmsg(HEADER.size,
+                                               socket.CMSG_SPACE(MAX_FDS * fds.itemsize))
         except socket.timeout:
             return True
         if not data:
@@ -104,22 +122,24 @@ class HandoverServer:
         try:
             if len(data) < HEADER.size:
                 data += _recv_exact(conn, HEADER.size - len(data))
-            state_len, up_len, down_len = HEADER.unpack(data)
-            if len(fds) != 2 or state_len > MAX_STATE or up_len > MAX_TAIL \
-                    or down_len > MAX_TAIL:
-                raise ValueError("malformed tunnel handover")
-            body = _recv_exact(conn, state_len + up_len + down_len)
+            state_len, a_len, b_len = HEADER.unpack(data)
+            if state_len > MAX_STATE or a_len > MAX_TAIL or b_len > MAX_TAIL:
+                raise ValueError("malformed handover")
+            body = _recv_exact(conn, state_len + a_len + b_len)
             state = json.loads(body[:state_len])
-            up_tail = body[state_len:state_len + up_len]
-            down_tail = body[state_len + up_len:]
+            receiver = self.receivers.get(state.get("kind")) if isinstance(state, dict) \
+                else None
+            if receiver is None or len(fds) != receiver[0]:
+                raise ValueError("malformed handover")
+            a, b = body[state_len:state_len + a_len], body[state_len + a_len:]
         except BaseException:
             for fd in fds:
                 os.close(fd)
             raise
         try:
-            self.worker.tunnels.adopt(fds[0], fds[1], state, up_tail, down_tail)
-        except Exception:        # noqa: BLE001 - one bad tunnel never ends the channel
-            log.exception("adopting a handed-over tunnel failed; it was closed")
+            receiver[1](list(fds), state, a, b)
+        except Exception:        # noqa: BLE001 - one bad item never ends the channel
+            log.exception("adopting a handed-over %s failed; it was closed", state["kind"])
         conn.sendall(b"k")
         return True
 
@@ -135,20 +155,19 @@ def _recv_exact(conn, size) -> bytes:
     return b"".join(chunks)
 
 
-def hand_over_tunnels(master_pid, targets, tunnels) -> int:
-    """Move ``tunnels`` to the worker pids in ``targets`` (round robin); return how many."""
+def hand_over(master_pid, targets, moves) -> int:
+    """Send ``moves`` to the worker pids in ``targets`` (round robin); return how many
+    the receivers now own."""
     channels = _open_channels(master_pid, targets)
     if not channels:
         return 0
     moved = 0
     try:
-        for number, tunnel in enumerate(tunnels):
+        for number, move in enumerate(moves):
             if not channels:
                 break                       # every receiver failed: retried next round
-            if not tunnel.movable():
-                continue
             channel = channels[number % len(channels)]
-            sent, usable = _send_one(channel, tunnel)
+            sent, usable = _send_one(channel, move)
             moved += sent
             if not usable:                  # a dead receiver: stop feeding it
                 channels.remove(channel)
@@ -169,95 +188,42 @@ def _open_channels(master_pid, targets) -> list:
             sock.connect(socket_name(master_pid, pid))
             channels.append(sock)
         except OSError as exc:
-            log.warning("cannot reach worker %d for tunnel handover: %s", pid, exc)
+            log.warning("cannot reach worker %d for a handover: %s", pid, exc)
             sock.close()
     return channels
 
 
-def _send_one(channel, tunnel) -> tuple:
-    """Send one tunnel: ``(moved, channel still usable)``; moved once the receiver owns it.
+def _send_one(channel, move) -> tuple:
+    """Send one item: ``(moved, channel still usable)``; moved once the receiver owns it.
 
     Ownership passes with the descriptors: once ``sendmsg`` has carried them, the
-    receiver may be relaying already, so this worker lets go whatever happens next (a
-    missing answer included).  Resuming here too would make two processes relay one
-    socket.  Only a tunnel whose descriptors never left is resumed locally.
+    receiver may be serving already, so this worker lets go whatever happens next (a
+    missing answer included).  Carrying on here too would make two processes serve one
+    socket.  Only an item whose descriptors never left is kept.
     """
-    meta_of = getattr(tunnel.on_close, "meta", None)
-    if meta_of is None:
+    exported = move.export()
+    if exported is None:
         return False, True
-    meta = meta_of()
-    client_fd, backend_fd, relay, up_tail, down_tail = tunnel.export()
-    state = dict(meta, **relay)
+    fds, state, a, b = exported
     body = json.dumps(state).encode()
-    header = HEADER.pack(len(body), len(up_tail), len(down_tail))
+    header = HEADER.pack(len(body), len(a), len(b))
     try:
         sent = channel.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                           array.array("i", [client_fd, backend_fd]))])
+                                           array.array("i", fds))])
     except OSError as exc:
-        log.error("tunnel handover failed, keeping the tunnel: %s", exc)
-        _resume_locally(tunnel, client_fd, backend_fd, state, up_tail, down_tail)
+        log.error("handover of a %s failed, keeping it: %s", state["kind"], exc)
+        move.keep(fds, state, a, b)
         return False, False
-    os.close(client_fd)
-    os.close(backend_fd)
-    tunnel.handed_over()
+    for fd in fds:
+        os.close(fd)
+    move.handed_over()
     try:
-        channel.sendall(header[sent:] + body + up_tail + down_tail)
+        channel.sendall(header[sent:] + body + a + b)
         answer = channel.recv(1)
     except OSError as exc:
         answer = f"no answer ({exc})"
     if answer != b"k":
-        log.error("tunnel handover: the receiving worker did not confirm (%s); the tunnel "
-                  "is in its hands", answer)
+        log.error("handover: the receiving worker did not confirm (%s); the %s is in its "
+                  "hands", answer, state["kind"])
         return True, False
     return True, True
-
-
-def _resume_locally(tunnel, client_fd, backend_fd, state, up_tail, down_tail):
-    on_close, tunnel.on_close = tunnel.on_close, None
-    adopt_tunnel(gsocket.socket(fileno=client_fd), gsocket.socket(fileno=backend_fd), state,
-                 up_tail, down_tail, tunnel.settings, on_close)
-
-
-def close_unadoptable(client_sock, backend_sock, state: dict, down_tail: bytes) -> None:
-    """A handed-over tunnel whose server left the configuration: say 1001 and close.
-
-    The Close frame goes to the client only when its stream is known to sit at a frame
-    boundary (framing was tracked); otherwise a TCP close is all that is safe.
-    """
-    trackers = state.get("trackers")
-    toward_client = trackers[1] if trackers else None
-    try:
-        client_sock.settimeout(1.0)
-        if down_tail:
-            client_sock.sendall(down_tail)
-        if toward_client and toward_client["need"] == 0 and not toward_client["head"] \
-                and toward_client["held"] is None and not toward_client["close_seen"]:
-            client_sock.sendall(build_frame(OP_CLOSE, close_payload(CLOSE_GOING_AWAY), False))
-    except OSError:
-        pass
-    finally:
-        client_sock.close()
-        backend_sock.close()
-
-
-def adopt_tunnel(client_sock, backend_sock, state: dict, up_tail: bytes, down_tail: bytes,
-                 settings, on_close) -> Tunnel:
-    """Carry on a tunnel exported by ``Tunnel.export`` in another worker.
-
-    Framing continues only when both the old tunnel tracked frames and the new settings
-    ask for it: a tunnel that was never tracked has no known frame boundary.
-    """
-    framing = bool(state.get("trackers")) and bool(settings.proxy_websocket_keepalive)
-    tunnel = Tunnel(client_sock, backend_sock, settings, on_close, USE_SPLICE,
-                    framing=framing)
-    if framing:
-        tunnel.up.tracker.restore(state["trackers"][0])
-        tunnel.down.tracker.restore(state["trackers"][1])
-    tunnel.client.rx, tunnel.client.tx = state.get("client_rx", 0), state.get("client_tx", 0)
-    now = time.monotonic()
-    for flow, tail in ((tunnel.up, up_tail), (tunnel.down, down_tail)):
-        if tail:
-            flow.tail = bytes(tail)
-            flow.stall = now
-    tunnel.start(b"", b"")
-    return tunnel

@@ -16,6 +16,8 @@ import time
 from collections import deque
 
 import httptools
+from gevent import get_hub
+from gevent.event import Event
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
 
 from mplb.workers.netio import peek, recv_into
@@ -59,6 +61,11 @@ class CloseConnection(Exception):
     """Stop serving this connection (after any response already written)."""
 
 
+class HandedOver(Exception):
+    """Thrown into an idle connection's greenlet: its socket now goes to another worker
+    (a reload); stop serving it and leave the socket open."""
+
+
 class ClientConnection:
     """State of one accepted client connection, served by one greenlet."""
 
@@ -76,7 +83,10 @@ class ClientConnection:
         self.current = None
         self.head_pending = 0          # head bytes fed since the current head began
         self.exchange = None
-        self.handed_off = False        # the socket now belongs to a tunnel
+        self.handed_off = False        # the socket now belongs to a tunnel or a worker
+        self.greenlet = None           # the greenlet serving it (set by the acceptor)
+        self.idle_waiter = None        # set while it waits with no request begun
+        self.holds_capacity = True     # it holds one of worker_connections' slots
         self.head_blocks = {}          # HeadPlan -> its connection-level header lines
         self.parser = httptools.HttpRequestParser(self)
 
@@ -98,6 +108,12 @@ class ClientConnection:
     def default_host(self):
         return self.server_ip
 
+    def between_requests(self) -> bool:
+        """No request in progress and nothing of the next one parsed yet."""
+        current = self.current
+        return not (self.queue or (current is not None and not current.complete)
+                    or self.handed_off)
+
     def closable_on_shutdown(self, stopping_for: float) -> bool:
         """Safe to close on graceful shutdown: between requests, with nothing received.
 
@@ -105,12 +121,43 @@ class ClientConnection:
         reset), and a connection accepted just before the stop gets a second to send its
         first request.
         """
-        current = self.current
-        if self.queue or (current is not None and not current.complete) or self.handed_off:
+        if not self.between_requests():
             return False
         if not self.served and stopping_for < FIRST_REQUEST_GRACE:
             return False
         return not _has_pending_data(self.sock)
+
+    @property
+    def movable(self) -> bool:
+        """A plain-TCP connection can move to another worker; a TLS session cannot."""
+        return self.scheme == "http"
+
+    def hand_off(self) -> bool:
+        """Stop serving an idle connection whose socket moves to another worker.
+
+        Only a connection waiting for its next request, nothing of it read, may move
+        (one that stopped itself at a request boundary already has).  The decision runs
+        in the hub, where no wake-up can slip in between the check and the end of the
+        wait: HandedOver is thrown into that very wait, and bytes the client sent
+        meanwhile stay in the kernel, with the socket.  True when the serving greenlet
+        has ended and the socket is free to move.
+        """
+        if self.handed_off:                # it stopped itself: its greenlet is ending
+            self.greenlet.join(1.0)
+            return self.greenlet.dead
+        waiter = self.idle_waiter
+        if waiter is None or not self.between_requests():
+            return False
+        decided = Event()
+
+        def end_wait_if_still_idle():
+            if self.idle_waiter is waiter and self.between_requests():
+                self.handed_off = True
+                waiter.throw(HandedOver)      # runs the greenlet to its end, right here
+            decided.set()
+        get_hub().loop.run_callback(end_wait_if_still_idle)
+        decided.wait()
+        return self.handed_off and self.greenlet.dead
 
     # -- httptools callbacks ----------------------------------------------
     def on_message_begin(self):
@@ -173,7 +220,7 @@ class ClientConnection:
         self._set_limits(worker.default_limits(self.listen))
         try:
             self._serve()
-        except (CloseConnection, ClientGone):
+        except (CloseConnection, ClientGone, HandedOver):
             pass
         except (ConnectionError, socket.timeout, TimeoutError, OSError) as exc:
             log.debug("client %s:%s closed: %s", self.client_ip, self.client_port, exc)
@@ -210,8 +257,15 @@ class ClientConnection:
                 # A response just went out: the next request is rarely there already.
                 timeout = settings.keepalive_timeout
                 between_requests = True
+            # Waiting with nothing of a request parsed: a reload may move the connection.
+            idle = (current is None or current.complete) and not self.queue
+            if idle and self.worker.handing_over and self.movable:
+                self.handed_off = True          # move now, before reading any byte
+                self.worker.acceptor.queue_move(self)
+                return
             try:
-                count = recv_into(sock, buffer, 0, timeout, between_requests)
+                count = recv_into(sock, buffer, 0, timeout, between_requests,
+                                  self if idle else None)
             except socket.timeout:
                 if mid_head or current is not None and not current.complete:
                     self._reply_error(408)
@@ -337,8 +391,11 @@ class ClientConnection:
 
     def keep_alive_after(self, request, settings=None) -> bool:
         """Whether the response to ``request`` may leave the connection open."""
-        if not request.keep_alive or self.worker.stopping:
+        if not request.keep_alive:
             return False
+        worker = self.worker
+        if worker.stopping and not (worker.handing_over and self.movable):
+            return False          # stopping for good, or a TLS connection that cannot move
         if settings is None:
             settings = (getattr(self.exchange, "settings", None)
                         or self.worker.default_settings(self.listen))

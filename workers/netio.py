@@ -72,20 +72,29 @@ _WAITING = _DEADLINES.waiting
 _monotonic = time.monotonic
 
 
-def _park(hub, watcher, timeout) -> None:
-    """Wait for ``watcher`` (a socket's read or write event) with an optional deadline."""
+def _park(hub, watcher, timeout, holder=None) -> None:
+    """Wait for ``watcher`` (a socket's read or write event) with an optional deadline.
+
+    ``holder``: an object whose ``idle_waiter`` names this wait while it lasts, so the
+    hub can end it with an exception exactly when it has not been woken yet (a
+    connection moving to another worker between requests).
+    """
     waiter = Waiter(hub)
     watcher.start(waiter.switch, waiter)
     if timeout is not None:
         if _DEADLINES.loop is not hub.loop:
             _DEADLINES.start(hub)
         _WAITING[waiter] = _monotonic() + timeout
+    if holder is not None:
+        holder.idle_waiter = waiter
     try:
         waiter.get()
     finally:
         watcher.stop()
         if timeout is not None:
             _WAITING.pop(waiter, None)
+        if holder is not None:
+            holder.idle_waiter = None
 
 
 def wait_readable(sock, timeout) -> None:
@@ -99,23 +108,24 @@ def wait_writable(sock, timeout) -> None:
     _park(sock.hub, sock._write_event, timeout)
 
 
-def recv_into(sock, buffer, nbytes=0, timeout=None, wait_first=False) -> int:
+def recv_into(sock, buffer, nbytes=0, timeout=None, wait_first=False, holder=None) -> int:
     """Read into ``buffer`` from a gevent socket, waiting at most ``timeout`` seconds.
 
     ``wait_first``: the caller expects nothing to be there yet (a response just
     asked for, the next request on a keep-alive connection), so park before the
     first read: a read that fails with EAGAIN costs a system call and an OSError
     whose message CPython decodes from the locale, several microseconds each time.
+    ``holder``: see ``_park`` (plain sockets only).
     """
     if type(sock) is _PLAIN:
         raw = sock._sock
         if wait_first:
-            _park(sock.hub, sock._read_event, timeout)
+            _park(sock.hub, sock._read_event, timeout, holder)
         while True:
             try:
                 return raw.recv_into(buffer, nbytes)
             except BlockingIOError:
-                _park(sock.hub, sock._read_event, timeout)
+                _park(sock.hub, sock._read_event, timeout, holder)
     sock.settimeout(timeout)
     # TLS sockets read nothing when told nbytes=0: pass a size only when there is one.
     return sock.recv_into(buffer, nbytes) if nbytes else sock.recv_into(buffer)

@@ -19,7 +19,7 @@ import gevent
 
 from mplb import logs
 from mplb.workers import tunnel
-from mplb.workers.handover import HandoverServer
+from mplb.workers.handover import HandoverServer, successor_pids
 
 log = logging.getLogger("mplb.worker")
 
@@ -62,10 +62,12 @@ class Lifecycle:
         # fork_worker left signals blocked until these handlers exist; any QUIT or TERM
         # sent meanwhile is delivered now, to them.
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        receivers = {"tunnel": (2, worker.tunnels.adopt),
+                     "connection": (1, worker.acceptor.adopt)}
         try:
-            self.handover = HandoverServer(worker, self.ctx.master_pid)
+            self.handover = HandoverServer(self.ctx.master_pid, receivers)
         except OSError as exc:
-            log.error("cannot listen for tunnel handovers: %s", exc)
+            log.error("cannot listen for handovers: %s", exc)
         try:
             os.write(self.ctx.control_fd, b"r")      # ready: the master may retire the old
         except OSError:
@@ -93,27 +95,44 @@ class Lifecycle:
             gevent.sleep(HEARTBEAT_INTERVAL)
 
     def graceful_stop(self):
-        """Stop accepting, finish in-flight requests, then tunnels (bounded by config)."""
+        """Stop accepting, finish in-flight requests, then tunnels (bounded by config).
+
+        Retiring for a newer generation (a reload), hand it every plain-TCP connection
+        between requests and every movable tunnel; stopping for good, close idle
+        connections and let tunnels end.
+        """
         worker = self.worker
         if worker.stopping:
             return
         worker.stopping = True
+        worker.handing_over = bool(self._successors())
         worker.acceptor.stop()
         gevent.spawn(self._drain)
+
+    def _successors(self) -> list:
+        return successor_pids(self.worker.shared, self.ctx.generation)
 
     def _drain(self):
         worker = self.worker
         deadline = worker.config.worker_shutdown_timeout
         started = time.monotonic()
         while True:
-            worker.acceptor.close_idle(time.monotonic() - started)
-            worker.tunnels.hand_over()
-            if not worker.acceptor.connections and not tunnel.live_tunnel_count():
+            stopping_for = time.monotonic() - started
+            targets = self._successors() if worker.handing_over else []
+            if targets:
+                worker.acceptor.hand_over_idle(targets)
+            else:                      # stopping for good, or no successor after all
+                worker.acceptor.drop_queued()
+                worker.acceptor.close_idle(stopping_for, spare_tls=worker.handing_over)
+            worker.tunnels.hand_over(targets)
+            acceptor = worker.acceptor
+            if not (acceptor.connections or acceptor.to_move or tunnel.live_tunnel_count()):
                 break
             if deadline is not None and time.monotonic() - started >= deadline:
                 tunnel.close_all_tunnels("shutdown", 1001)
                 break
-            gevent.sleep(DRAIN_TICK)
+            worker.acceptor.move_ready.wait(DRAIN_TICK)
+            worker.acceptor.move_ready.clear()
         self.exit(0)
 
     def fast_stop(self):

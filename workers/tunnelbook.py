@@ -2,20 +2,24 @@
 
 ``open`` turns an upgraded connection into a tunnel (workers.tunnel) with a
 TunnelRecord as its close hook; ``ended`` undoes its accounting whichever way it ends.
-On reload, a retiring worker moves its tunnels to the serving generation
-(``hand_over``, workers.handover) and the receiving worker ``adopt``s them, routing
-each tunnel's original request again under its own configuration.
+On reload, a retiring worker moves its plain-TCP tunnels to the serving generation
+(``hand_over``: one TunnelMove each, through workers.handover) and the receiving worker
+``adopt``s them, routing each tunnel's original request again under its own
+configuration.  Nothing read is lost: bytes not yet written (tails, bytes parked in a
+splice pipe) travel with the state and the receiver writes them first.
 """
 from __future__ import annotations
 
 import logging
-import os
+import time
 
 from gevent import socket as gsocket
 
 from mplb.workers import tunnel
-from mplb.workers.handover import adopt_tunnel, close_unadoptable, hand_over_tunnels
+from mplb.workers.handover import hand_over
+from mplb.workers.tunnel import USE_SPLICE, Tunnel
 from mplb.workers.tunnelrecord import TunnelRecord
+from mplb.workers.wsframes import CLOSE_GOING_AWAY, OP_CLOSE, build_frame, close_payload
 
 log = logging.getLogger("mplb.worker")
 
@@ -44,34 +48,19 @@ class TunnelBook:
         self.acceptor.release_slot(record.holds_capacity)
 
     # -- reload ------------------------------------------------------------------------
-    def hand_over(self) -> None:
-        """Retiring: move every movable tunnel to the workers of the serving generation."""
-        movable = tunnel.movable_tunnels()
-        if not movable:
-            return
-        targets = self._targets()
-        if targets:
-            moved = hand_over_tunnels(self.worker.ctx.master_pid, targets, movable)
+    def hand_over(self, targets) -> None:
+        """Retiring: move every movable tunnel to the worker pids ``targets``."""
+        moves = [TunnelMove(t) for t in tunnel.movable_tunnels()
+                 if getattr(t.on_close, "meta", None) is not None]
+        if moves and targets:
+            moved = hand_over(self.worker.ctx.master_pid, targets, moves)
             log.info("handed %d tunnel(s) over to the new generation", moved)
 
-    def _targets(self) -> list:
-        """Pids of the serving generation's workers, when it is newer than this one.
-
-        Never a rolled-back generation's leftover, and never a sibling that is retiring
-        too (on QUIT the whole serving generation retires: tunnels stay until they end).
-        """
-        worker = self.worker
-        shared = worker.shared
-        if shared is None or shared.generation <= worker.ctx.generation:
-            return []
-        return [w["pid"] for w in shared.workers()
-                if w["generation"] == shared.generation and w["pid"] != os.getpid()]
-
-    def adopt(self, client_fd, backend_fd, state, up_tail, down_tail) -> None:
+    def adopt(self, fds, state, up_tail, down_tail) -> None:
         """Take over a tunnel from a retiring worker, or close it if its server is gone;
         the descriptors are this worker's from the call on, whatever happens."""
-        client = gsocket.socket(fileno=client_fd)
-        backend = gsocket.socket(fileno=backend_fd)
+        client = gsocket.socket(fileno=fds[0])
+        backend = gsocket.socket(fileno=fds[1])
         try:
             self._adopt(client, backend, state, up_tail, down_tail)
         except BaseException:
@@ -113,3 +102,72 @@ class TunnelBook:
                 return location.settings
             return vserver.settings
         return worker.config.servers[0].settings if worker.config.servers else None
+
+
+class TunnelMove:
+    """One tunnel on its way to another worker (a move, see workers.handover)."""
+
+    def __init__(self, live_tunnel):
+        self.tunnel = live_tunnel
+
+    def export(self):
+        """Stop relaying: the two fds, the state (identity, counters, frame tracking)
+        and the bytes not yet written each way."""
+        if not self.tunnel.movable():
+            return None
+        meta = self.tunnel.on_close.meta()
+        client_fd, backend_fd, relay, up_tail, down_tail = self.tunnel.export()
+        return [client_fd, backend_fd], dict(meta, kind="tunnel", **relay), up_tail, down_tail
+
+    def handed_over(self) -> None:
+        self.tunnel.handed_over()
+
+    def keep(self, fds, state, up_tail, down_tail) -> None:
+        """The descriptors never left: carry on relaying here."""
+        on_close, self.tunnel.on_close = self.tunnel.on_close, None
+        adopt_tunnel(gsocket.socket(fileno=fds[0]), gsocket.socket(fileno=fds[1]), state,
+                     up_tail, down_tail, self.tunnel.settings, on_close)
+
+
+def close_unadoptable(client_sock, backend_sock, state: dict, down_tail: bytes) -> None:
+    """A handed-over tunnel whose server left the configuration: say 1001 and close.
+
+    The Close frame goes to the client only when its stream is known to sit at a frame
+    boundary (framing was tracked); otherwise a TCP close is all that is safe.
+    """
+    trackers = state.get("trackers")
+    toward_client = trackers[1] if trackers else None
+    try:
+        client_sock.settimeout(1.0)
+        if down_tail:
+            client_sock.sendall(down_tail)
+        if toward_client and toward_client["need"] == 0 and not toward_client["head"] \
+                and toward_client["held"] is None and not toward_client["close_seen"]:
+            client_sock.sendall(build_frame(OP_CLOSE, close_payload(CLOSE_GOING_AWAY), False))
+    except OSError:
+        pass
+    finally:
+        client_sock.close()
+        backend_sock.close()
+
+
+def adopt_tunnel(client_sock, backend_sock, state: dict, up_tail: bytes, down_tail: bytes,
+                 settings, on_close) -> Tunnel:
+    """Carry on a tunnel exported by ``Tunnel.export`` in another worker (or this one).
+
+    Framing continues only when both the old tunnel tracked frames and the new settings
+    ask for it: a tunnel that was never tracked has no known frame boundary.
+    """
+    framing = bool(state.get("trackers")) and bool(settings.proxy_websocket_keepalive)
+    relay = Tunnel(client_sock, backend_sock, settings, on_close, USE_SPLICE, framing=framing)
+    if framing:
+        relay.up.tracker.restore(state["trackers"][0])
+        relay.down.tracker.restore(state["trackers"][1])
+    relay.client.rx, relay.client.tx = state.get("client_rx", 0), state.get("client_tx", 0)
+    now = time.monotonic()
+    for flow, tail in ((relay.up, up_tail), (relay.down, down_tail)):
+        if tail:
+            flow.tail = bytes(tail)
+            flow.stall = now
+    relay.start(b"", b"")
+    return relay

@@ -35,7 +35,7 @@ class TunnelRecord:
 
     @classmethod
     def for_request(cls, book, conn, request, pick, balancer, bytes_in, bytes_out):
-        return cls(book, pick, balancer, True, upstream=balancer.upstream.name,
+        return cls(book, pick, balancer, conn.holds_capacity, upstream=balancer.upstream.name,
                    server=pick.server.url, listen=_shared_key(conn.listen.key),
                    client=(conn.client_ip, conn.client_port), method=request.method,
                    url=request.url.decode("latin-1"), version=request.version,

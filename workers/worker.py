@@ -4,7 +4,8 @@ It is built once after fork from the frozen Config (the worker never re-reads th
 and is all a ClientConnection and an UpstreamExchange may use:
 
 - ``config``, ``router``, ``balancers`` (by upstream name), ``pool`` (upstream
-  keep-alive connections), ``tls`` (server SSL contexts by listen), ``stopping``;
+  keep-alive connections), ``tls`` (server SSL contexts by listen), ``stopping`` and
+  ``handing_over`` (retiring with a newer generation to take its connections);
 - ``default_settings(listen)`` / ``default_limits(listen)``: what applies before routing;
 - ``head_plan(location)``: the compiled upstream request head of a location;
 - ``take_buffer()`` / ``give_buffer(buffer)``: relay buffers for bodies that may wait;
@@ -37,6 +38,8 @@ class Worker:
         self.router = Router(config)
         self.pool = UpstreamPool()
         self.stopping = False
+        self.handing_over = False
+        self.listens = {listen.key: listen for listen in config.listens}
         self.balancers = {name: init_upstream(upstream, self.shared, ctx.slot)
                           for name, upstream in config.upstreams.items()}
         self.tls = _server_contexts(config)
