@@ -39,7 +39,7 @@ RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: bench\r\nContent-Type: text/plain\r\n"
             b"Content-Length: 100\r\nConnection: keep-alive\r\n\r\n" + b"x" * 100)
 CONF = """worker_processes 1;
 upstream app {{ server http://127.0.0.1:{port}; keepalive 64; }}
-server {{ listen 127.0.0.1:{listen};
+server {{ listen 127.0.0.1:{listen}; keepalive_requests 1000000;
   location / {{ proxy_pass app; proxy_http_version 1.1; proxy_set_header Connection ""; }} }}
 """
 

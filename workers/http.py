@@ -1,11 +1,14 @@
 """One client connection: parse requests with httptools and answer them in order.
 
 The parser callbacks only collect (uvicorn's split): they append Request objects to a
-queue and body chunks to the request being read.  The loop in ``serve`` does all
-I/O: after each ``feed_data`` it works through the queue, starting the upstream
+queue and body chunks to the request being read.  Two drivers do the I/O.  A plain
+connection starts on the fast path (workers.fastpath: the common exchange on the loop's
+callbacks); whatever that does not handle continues here, in a greenlet: the loop in
+``serve`` works through the queue after each ``feed_data``, starting the upstream
 exchange when a head is complete, streaming body chunks as they arrive, and relaying
-the response once the request is complete.  Pipelined requests are thus answered in
-order, and no body is ever held whole in memory.
+the response once the request is complete.  When it next waits for a request with
+nothing of it read, a plain connection goes back to the fast path.  Pipelined requests
+are thus answered in order, and no body is ever held whole in memory.
 """
 from __future__ import annotations
 
@@ -67,7 +70,7 @@ class HandedOver(Exception):
 
 
 class ClientConnection:
-    """State of one accepted client connection, served by one greenlet."""
+    """State of one accepted client connection, served by a Lane or a greenlet."""
 
     def __init__(self, worker, sock, addr, listen):
         self.worker = worker
@@ -87,7 +90,12 @@ class ClientConnection:
         self.greenlet = None           # the greenlet serving it (set by the acceptor)
         self.idle_waiter = None        # set while it waits with no request begun
         self.holds_capacity = True     # it holds one of worker_connections' slots
+        self.to_lane = False           # its greenlet ended to serve it on the fast path
+        self.lane = None               # the Lane serving it on the fast path, if one is
         self.head_blocks = {}          # HeadPlan -> its connection-level header lines
+        self.settings0 = settings = worker.default_settings(listen)
+        self._set_limits(settings.large_client_header_buffers)
+        self.head_deadline = time.monotonic() + settings.client_header_timeout
         self.parser = httptools.HttpRequestParser(self)
 
     # -- addresses (variables) -------------------------------------------
@@ -142,9 +150,11 @@ class ClientConnection:
         meanwhile stay in the kernel, with the socket.  True when the serving greenlet
         has ended and the socket is free to move.
         """
-        if self.handed_off:                # it stopped itself: its greenlet is ending
-            self.greenlet.join(1.0)
-            return self.greenlet.dead
+        if self.handed_off:                # it stopped itself (or its Lane stopped)
+            if self.greenlet is not None:
+                self.greenlet.join(1.0)
+                return self.greenlet.dead
+            return True
         waiter = self.idle_waiter
         if waiter is None or not self.between_requests():
             return False
@@ -214,11 +224,15 @@ class ClientConnection:
         self.current.complete = True
 
     # -- the loop ----------------------------------------------------------
-    def serve(self):
-        """Serve requests until the client leaves, an error closes, or a tunnel takes over."""
-        worker = self.worker
-        self._set_limits(worker.default_limits(self.listen))
+    def serve(self, step=None):
+        """Serve requests until the client leaves, an error closes, a tunnel takes over,
+        or the connection goes back to the fast path; ``step`` first: what the fast
+        path left for the greenlet to do."""
         try:
+            if step is not None:
+                step()
+                if self.handed_off:
+                    return
             self._serve()
         except (CloseConnection, ClientGone, HandedOver):
             pass
@@ -227,7 +241,7 @@ class ClientConnection:
         finally:
             if self.exchange is not None:
                 self.exchange.abort()
-            if not self.handed_off:
+            if not (self.handed_off or self.to_lane):
                 self.sock.close()
 
     def _set_limits(self, limits):
@@ -240,8 +254,9 @@ class ClientConnection:
         sock = self.sock
         buffer = _RECV_BUFFER
         view = _RECV_VIEW
-        settings = self.worker.default_settings(self.listen)
-        head_deadline = time.monotonic() + settings.client_header_timeout
+        settings = self.settings0
+        head_deadline = self.head_deadline
+        lane_ok = self.movable and self.worker.fast_path
         while True:
             current = self.current
             mid_head = current is not None and not current.headers_done
@@ -262,6 +277,10 @@ class ClientConnection:
             if idle and self.worker.handing_over and self.movable:
                 self.handed_off = True          # move now, before reading any byte
                 self.worker.acceptor.queue_move(self)
+                return
+            if idle and lane_ok:
+                self.head_deadline = head_deadline
+                self.to_lane = True             # the next request goes the fast way
                 return
             try:
                 count = recv_into(sock, buffer, 0, timeout, between_requests,
@@ -288,20 +307,86 @@ class ClientConnection:
             except HttpParserError:
                 self._fail_parse(400)
                 return
-            current = self.current
-            if current is not None and not current.headers_done:
-                # httptools buffers a partial header line itself: bound what it holds.
-                self.head_pending += count
-                if self.head_pending > (self.limits[0] + 1) * self.limits[1]:
-                    self._fail_parse(431)
-                    return
-                # Bytes no callback has seen yet are one unfinished header line (the
-                # URL is reported as it arrives); head_pending may also hold up to one
-                # recv of earlier pipelined requests, hence the slack.
-                unseen = self.head_pending - len(current.url) - current.head_size
-                if unseen > self.limits[1] + RECV_SIZE:
-                    self._fail_parse(431)
-                    return
+            status = self.head_overflow(count)
+            if status:
+                self._fail_parse(status)
+                return
+            self._process()
+
+    def head_overflow(self, count) -> int:
+        """431 when the head being read outgrows large_client_header_buffers, else 0.
+
+        httptools buffers a partial header line itself: bound what it holds.  Bytes no
+        callback has seen yet are one unfinished header line (the URL is reported as it
+        arrives); head_pending may also hold up to one recv of earlier pipelined
+        requests, hence the slack.
+        """
+        current = self.current
+        if current is None or current.headers_done:
+            return 0
+        self.head_pending += count
+        if self.head_pending > (self.limits[0] + 1) * self.limits[1]:
+            return 431
+        unseen = self.head_pending - len(current.url) - current.head_size
+        return 431 if unseen > self.limits[1] + RECV_SIZE else 0
+
+    # -- what the fast path (workers.fastpath) asks of the connection ---------------
+    def note_bytes(self, count):
+        """Bytes arrived: a new request head's client_header_timeout starts with them."""
+        current = self.current
+        if current is None or current.headers_done:
+            self.head_deadline = time.monotonic() + self.settings0.client_header_timeout
+
+    def head_timeout_left(self) -> float:
+        return max(0.0, self.head_deadline - time.monotonic())
+
+    def handing_over_now(self) -> bool:
+        """A reload is moving idle connections, and this one can move."""
+        if self.worker.handing_over and self.movable:
+            self.handed_off = True
+            return True
+        return False
+
+    def begin_fast(self, request):
+        """The exchange of a complete request, prepared for the fast path to run
+        (``fast`` set), or for the greenlet (a local answer, a failure)."""
+        exchange = self._begin(request, fast=True)
+        limit = exchange.settings.client_max_body_size if exchange.settings else 0
+        if limit and request.body_bytes > limit:
+            exchange.abort()
+            return LocalAnswer(self, 413)
+        return exchange
+
+    def request_done(self, keep_alive) -> bool:
+        """The first queued request was answered; whether the connection goes on."""
+        self.queue.popleft()
+        self.exchange = None
+        self.served += 1
+        return keep_alive
+
+    def process_in_greenlet(self):
+        self._process()
+
+    def finish_in_greenlet(self, request, pick=None, **finish):
+        """Carry on the exchange the fast path began: connect to its server first (no
+        idle pooled connection), or finish it (see UpstreamExchange.finish)."""
+        exchange = self.exchange
+        if pick is not None:
+            if exchange.open_picked(pick):
+                exchange.connect_and_send()
+            if request.body_chunks:
+                exchange.send_body(request)
+        if not self.request_done(exchange.finish(request, **finish)):
+            raise CloseConnection()
+        self._process()
+
+    def fail_parse(self, status):
+        self._fail_parse(status)
+        raise CloseConnection()
+
+    def on_parser_upgrade_in_greenlet(self, rest):
+        self._on_parser_upgrade(rest)
+        if not self.handed_off:
             self._process()
 
     def _fail_parse(self, status):
@@ -324,7 +409,9 @@ class ClientConnection:
                 return
 
     def _process_one(self, request) -> bool:
-        """Advance the first queued request; False when it needs more client data."""
+        """Advance the first queued request; False when it needs more client data.
+
+        The fast path may have begun it already (``self.exchange`` is then set)."""
         if self.exchange is None:
             self.exchange = self._begin(request)
         exchange = self.exchange
@@ -349,8 +436,9 @@ class ClientConnection:
             raise CloseConnection()
         return True
 
-    def _begin(self, request) -> Exchange:
-        """Route the request and return its exchange (upstream, or local answer)."""
+    def _begin(self, request, fast=False) -> Exchange:
+        """Route the request and return its exchange (upstream, or local answer); with
+        ``fast`` an upstream exchange is only prepared, for the fast path to run."""
         worker = self.worker
         if request.method == "CONNECT":
             return LocalAnswer(self, 405)       # a reverse proxy does not tunnel CONNECT
@@ -378,6 +466,8 @@ class ClientConnection:
             return StatusAnswer(self, settings)
         if location.upstream is None:
             return LocalAnswer(self, 404, settings=settings)
+        if fast:
+            return UpstreamExchange(self, request, location, worker, connect=False)
         if request.expect_continue and not request.complete:
             self.sock.sendall(CONTINUE_100)
         return UpstreamExchange(self, request, location, worker)

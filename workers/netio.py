@@ -132,10 +132,10 @@ def recv_into(sock, buffer, nbytes=0, timeout=None, wait_first=False, holder=Non
 
 
 def peek(sock):
-    """What waits unread on a gevent socket, left in place: None when nothing does,
+    """What waits unread on a (gevent or plain) socket, left in place: None when nothing does,
     ``b""`` at end of stream (or on a failed socket), else the first byte.  Never blocks."""
     try:
-        return sock._sock.recv(1, _PEEK)
+        return getattr(sock, "_sock", sock).recv(1, _PEEK)
     except BlockingIOError:
         return None
     except (OSError, ValueError):

@@ -125,8 +125,7 @@ class Lifecycle:
                 worker.acceptor.drop_queued()
                 worker.acceptor.close_idle(stopping_for, spare_tls=worker.handing_over)
             worker.tunnels.hand_over(targets)
-            acceptor = worker.acceptor
-            if not (acceptor.connections or acceptor.to_move or tunnel.live_tunnel_count()):
+            if not (worker.acceptor.busy() or tunnel.live_tunnel_count()):
                 break
             if deadline is not None and time.monotonic() - started >= deadline:
                 tunnel.close_all_tunnels("shutdown", 1001)

@@ -61,7 +61,9 @@ class UpstreamExchange:
     bytes_out = 0
     last_server = None
 
-    def __init__(self, conn, request, location, worker):
+    def __init__(self, conn, request, location, worker, connect=True):
+        """Prepare the exchange; with ``connect``, pick, connect and send the head now
+        (the fast path, workers.fastpath, does those steps itself, without waiting)."""
         self.conn = conn
         self.worker = worker
         self.location = location
@@ -80,36 +82,44 @@ class UpstreamExchange:
         elif request.chunked:
             framing = b"Transfer-Encoding: chunked\r\n"
         self.framing = framing
-        self._connect_and_send()
+        if connect:
+            self.connect_and_send()
 
     # -- connecting ------------------------------------------------------------
-    def _connect_and_send(self):
+    def connect_and_send(self):
         """Pick and connect, moving on to other servers as proxy_next_upstream allows."""
-        settings = self.settings
-        next_upstream = settings.proxy_next_upstream
-        max_tries = settings.proxy_next_upstream_tries or len(self.upstream.servers)
         request = self.request
         while True:
             pick = self.balancer.get(request, frozenset(self.tried))
             if pick is None:
                 if self.failure is None:
-                    self.failure = UpstreamFailed(502, "no live upstreams")
-                    log.error('no live upstreams while connecting to upstream "%s", client: %s',
-                              self.upstream.name, self.conn.client_ip)
+                    self.failure = self.no_live_upstreams()
                 return
             self.tried.add(pick.index)
-            try:
-                self._open(pick)
+            if not self.open_picked(pick):
                 return
-            except ConnectFailed as exc:
-                self.balancer.free(pick, True)
-                kind = "timeout" if exc.timed_out else "error"
-                status = 504 if exc.timed_out else 502
-                self.failure = UpstreamFailed(status, str(exc))
-                log.error("connect() to %s failed (%s) while connecting to upstream, client: %s",
-                          pick.server.hostport, exc, self.conn.client_ip)
-                if kind not in next_upstream or len(self.tried) >= max_tries:
-                    return
+
+    def open_picked(self, pick) -> bool:
+        """Connect to the picked server and send the head.  True only after a failure
+        (recorded) that proxy_next_upstream allows to try another server for."""
+        try:
+            self._open(pick)
+            return False
+        except ConnectFailed as exc:
+            self.balancer.free(pick, True)
+            kind = "timeout" if exc.timed_out else "error"
+            status = 504 if exc.timed_out else 502
+            self.failure = UpstreamFailed(status, str(exc))
+            log.error("connect() to %s failed (%s) while connecting to upstream, client: %s",
+                      pick.server.hostport, exc, self.conn.client_ip)
+            settings = self.settings
+            max_tries = settings.proxy_next_upstream_tries or len(self.upstream.servers)
+            return kind in settings.proxy_next_upstream and len(self.tried) < max_tries
+
+    def no_live_upstreams(self):
+        log.error('no live upstreams while connecting to upstream "%s", client: %s',
+                  self.upstream.name, self.conn.client_ip)
+        return UpstreamFailed(502, "no live upstreams")
 
     def _open(self, pick):
         """Connect to the picked server and send the head (once more on a stale reuse)."""
@@ -158,9 +168,16 @@ class UpstreamExchange:
         self._release(failed=True, reusable=False)
 
     # -- response ----------------------------------------------------------------
-    def finish(self, request, force_close=False) -> bool:
-        """Relay the response; return whether the client connection stays open."""
-        if self.failure is None and request.chunked and self.sock is not None:
+    def finish(self, request, force_close=False, head=None, failure=None) -> bool:
+        """Relay the response; return whether the client connection stays open.
+
+        The fast path hands an exchange over here when it needs waiting it does not
+        do: ``head`` is a response head it already read (``(response, received)``),
+        ``failure`` one it met before anything reached the client.
+        """
+        if failure is not None:
+            self.recover(request, failure)
+        elif self.failure is None and request.chunked and self.sock is not None:
             try:
                 self.sock.sendall(b"0\r\n\r\n")
             except OSError as exc:
@@ -169,13 +186,19 @@ class UpstreamExchange:
             if self.failure is not None:
                 return self._answer_failure(request)
             try:
-                return self._relay(request, force_close)
+                return self._relay(request, force_close, head)
             except UpstreamFailed as exc:
-                self._release(failed=exc.status != 0, reusable=False)
-                self.failure = exc
-                if exc.retryable and self._may_retry(request, exc):
-                    self.failure = None
-                    self._connect_and_send()
+                head = None
+                self.recover(request, exc)
+
+    def recover(self, request, exc):
+        """A failure before the client saw anything: release the connection (counting a
+        failure unless it was the client's doing), and try another server if allowed."""
+        self._release(failed=exc.status != 0, reusable=False)
+        self.failure = exc
+        if exc.retryable and self._may_retry(request, exc):
+            self.failure = None
+            self.connect_and_send()
 
     def _may_retry(self, request, exc) -> bool:
         """proxy_next_upstream: only before the client saw anything, never replaying a body."""
@@ -239,8 +262,8 @@ class UpstreamExchange:
             if received > MAX_RESPONSE_HEAD + len(buffer):
                 raise UpstreamFailed(502, "upstream sent too big header")
 
-    def _relay(self, request, force_close) -> bool:
-        response, received, _ = self._read_head_fresh(request)
+    def _relay(self, request, force_close, head=None) -> bool:
+        response, received = head or self._read_head_fresh(request)[:2]
         status = response.status
         if status == 101:
             # Only finish_upgrade may relay a 101; here it would desynchronise the
@@ -276,27 +299,36 @@ class UpstreamExchange:
         except ConnectFailed as exc:
             raise UpstreamFailed(502, str(exc), retryable=True)
 
-    def _relay_body(self, request, response, received, force_close) -> bool:
-        conn = self.conn
+    def client_head(self, request, response, force_close):
+        """The response head the client gets: ``(head, keep_client, head_only, rechunk)``.
+
+        Framing: a counted body keeps its Content-Length; a chunked or read-until-close
+        body is re-chunked for an HTTP/1.1 client, or ends the connection for 1.0.
+        """
         status = response.status
         head_only = request.method == "HEAD" or status in (204, 304)
         length = response.content_length
-        chunked_up = response.chunked
-        keep_client = not force_close and conn.keep_alive_after(request, self.settings)
+        keep_client = not force_close and self.conn.keep_alive_after(request, self.settings)
         if head_only:
             framing = b"Content-Length: %s\r\n" % length if length is not None else b""
-        elif length is not None and not chunked_up:
+        elif length is not None and not response.chunked:
             framing = b"Content-Length: %s\r\n" % length
         elif request.version == "1.1":
             framing = b"Transfer-Encoding: chunked\r\n"
         else:
             framing = b""
             keep_client = False
-        rechunk = framing.startswith(b"Transfer")
         balancer = self.balancer
         extra = (balancer.response_headers(self.pick, request, response.headers)
                  if balancer.persistence is not None else ())
-        head = render_response_head(response, framing, extra, keep_client)
+        return (render_response_head(response, framing, extra, keep_client), keep_client,
+                head_only, framing.startswith(b"Transfer"))
+
+    def _relay_body(self, request, response, received, force_close) -> bool:
+        head, keep_client, head_only, rechunk = self.client_head(request, response,
+                                                                 force_close)
+        length = response.content_length
+        chunked_up = response.chunked
         body = b"".join(response.body)
         response.body.clear()
         if head_only and (body or chunked_up or length not in (None, b"0")):
@@ -462,7 +494,7 @@ class UpstreamExchange:
                 self.failure = exc
                 if exc.retryable and self._may_retry(request, exc):
                     self.failure = None
-                    self._connect_and_send()
+                    self.connect_and_send()
         if backend_pending is None or response.status != 101:
             return False, self._relay_body(request, response, received, False)
         pick = self.pick

@@ -46,14 +46,22 @@ class UpstreamPool:
         ``verify``: always peek before reuse (a request with a body cannot be replayed
         on a fresh connection if the pooled one turns out to be closed).
         """
+        pooled = self.take(server, verify)
+        if pooled is not None:
+            return pooled[0], True, pooled[1]
+        return connect(server, connect_timeout), False, None
+
+    def take(self, server, verify=False):
+        """An idle connection to ``server`` as ``(sock, reader)``, or None (no connect:
+        the fast path never waits for one)."""
         idle = self._idle.get(server.url)
         while idle:
             sock, since, reader = idle.pop()
             if (not verify and time.monotonic() - since < PEEK_AFTER_IDLE) \
                     or _is_reusable(sock):
-                return sock, True, reader
+                return sock, reader
             sock.close()
-        return connect(server, connect_timeout), False, None
+        return None
 
     def release(self, server, sock, limit, reader=None):
         """Keep a connection whose last response ended cleanly, up to ``limit`` idle."""

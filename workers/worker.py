@@ -15,6 +15,8 @@ and is all a ClientConnection and an UpstreamExchange may use:
 """
 from __future__ import annotations
 
+import os
+
 from mplb.balancing import init_upstream
 from mplb.workers.acceptor import Acceptor
 from mplb.workers.accounting import Accounting
@@ -39,6 +41,9 @@ class Worker:
         self.pool = UpstreamPool()
         self.stopping = False
         self.handing_over = False
+        # The fast path (workers.fastpath) serves plain connections; MPLB_FAST_PATH=0
+        # serves everything in greenlets (a debugging aid; behaviour is the same).
+        self.fast_path = os.environ.get("MPLB_FAST_PATH", "1") != "0"
         self.listens = {listen.key: listen for listen in config.listens}
         self.balancers = {name: init_upstream(upstream, self.shared, ctx.slot)
                           for name, upstream in config.upstreams.items()}
