@@ -99,6 +99,12 @@ class Lane:
 
     def on_client_readable(self):
         try:
+            self._on_client_readable()
+        except Exception:  # noqa: BLE001 - one bad connection never takes the worker down
+            self.crashed()
+
+    def _on_client_readable(self):
+        try:
             count = self.raw.recv_into(_RECV)
         except BlockingIOError:
             return
@@ -185,6 +191,12 @@ class Lane:
         sock._read_event.start(self.on_upstream_readable)
 
     def on_upstream_readable(self):
+        try:
+            self._on_upstream_readable()
+        except Exception:  # noqa: BLE001 - one bad connection never takes the worker down
+            self.crashed()
+
+    def _on_upstream_readable(self):
         sock = self.upstream
         try:
             count = sock._sock.recv_into(_HEAD)
@@ -273,6 +285,12 @@ class Lane:
 
     def on_client_writable(self):
         try:
+            self._on_client_writable()
+        except Exception:  # noqa: BLE001 - one bad connection never takes the worker down
+            self.crashed()
+
+    def _on_client_writable(self):
+        try:
             sent = self.raw.send(self.tail)
         except BlockingIOError:
             return
@@ -319,6 +337,12 @@ class Lane:
         self.acceptor.serve_in_greenlet(self.conn, step)
 
     def timed_out(self):
+        try:
+            self._timed_out()
+        except Exception:  # noqa: BLE001 - one bad connection never takes the worker down
+            self.crashed()
+
+    def _timed_out(self):
         """Called by the deadline wheel when this Lane's deadline passed."""
         waiting = self.waiting
         if waiting == FOR_UPSTREAM:
@@ -341,6 +365,14 @@ class Lane:
             except OSError:
                 pass
         self.close()
+
+    def crashed(self):
+        log.exception("unexpected error on connection from %s", self.conn.client_ip)
+        if self.upstream is not None:
+            self.upstream._read_event.stop()
+            self.upstream.close()
+            self.upstream = None
+        self.client_gone()
 
     def client_gone(self):
         """Writing to the client failed: release the exchange, close the connection."""

@@ -92,6 +92,8 @@ class ClientConnection:
         self.holds_capacity = True     # it holds one of worker_connections' slots
         self.to_lane = False           # its greenlet ended to serve it on the fast path
         self.lane = None               # the Lane serving it on the fast path, if one is
+        self.last_route_key = None     # (target, Host, version) routed last, and where to
+        self.last_route = None
         self.head_blocks = {}          # HeadPlan -> its connection-level header lines
         self.settings0 = settings = worker.default_settings(listen)
         self._set_limits(settings.large_client_header_buffers)
@@ -442,14 +444,19 @@ class ClientConnection:
         worker = self.worker
         if request.method == "CONNECT":
             return LocalAnswer(self, 405)       # a reverse proxy does not tunnel CONNECT
-        try:
-            uri = request.uri
-        except (ValueError, UnicodeDecodeError):
-            return LocalAnswer(self, 400)
-        host = request.host
-        if not host and request.version == "1.1" and request.header("host") is None:
-            return LocalAnswer(self, 400)
-        vserver, location = worker.router.route(self.listen_key, host, uri)
+        key = (request.url, request.host_value, request.version)
+        if key == self.last_route_key:          # a keep-alive client asks the same again
+            vserver, location = self.last_route
+        else:
+            try:
+                uri = request.uri
+            except (ValueError, UnicodeDecodeError):
+                return LocalAnswer(self, 400)
+            host = request.host
+            if not host and request.version == "1.1" and request.header("host") is None:
+                return LocalAnswer(self, 400)
+            vserver, location = worker.router.route(self.listen_key, host, uri)
+            self.last_route_key, self.last_route = key, (vserver, location)
         if location is None:
             return LocalAnswer(self, 404, settings=vserver.settings)
         settings = location.settings

@@ -68,9 +68,7 @@ class UpstreamExchange:
         self.worker = worker
         self.location = location
         self.settings = location.settings
-        self.plan = worker.head_plan(location)
-        self.upstream = worker.config.upstreams[location.upstream]
-        self.balancer = worker.balancers[location.upstream]
+        self.plan, self.upstream, self.balancer = worker.proxying(location)
         self.tried = set()
         self.request = request
         if request.chunked and self.plan.http10:

@@ -7,7 +7,8 @@ and is all a ClientConnection and an UpstreamExchange may use:
   keep-alive connections), ``tls`` (server SSL contexts by listen), ``stopping`` and
   ``handing_over`` (retiring with a newer generation to take its connections);
 - ``default_settings(listen)`` / ``default_limits(listen)``: what applies before routing;
-- ``head_plan(location)``: the compiled upstream request head of a location;
+- ``proxying(location)``: a proxying location's compiled upstream request head, its
+  upstream and its balancer;
 - ``take_buffer()`` / ``give_buffer(buffer)``: relay buffers for bodies that may wait;
 - ``render_status(request)``: the mplb_status answer;
 - ``accounting`` (counters and logs), ``tunnels`` (the TunnelBook) and, for the
@@ -67,11 +68,15 @@ class Worker:
     def default_limits(self, listen):
         return self.default_settings(listen).large_client_header_buffers
 
-    def head_plan(self, location):
-        plan = self._plans.get(id(location))
-        if plan is None:
-            plan = self._plans[id(location)] = HeadPlan(location.settings)
-        return plan
+    def proxying(self, location):
+        """``(head plan, upstream, balancer)`` of a location that proxies."""
+        found = self._plans.get(id(location))
+        if found is None:
+            name = location.upstream
+            found = self._plans[id(location)] = (HeadPlan(location.settings),
+                                                 self.config.upstreams[name],
+                                                 self.balancers[name])
+        return found
 
     def take_buffer(self):
         return self._buffers.pop() if self._buffers else bytearray(RELAY_BUFFER_SIZE)
