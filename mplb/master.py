@@ -22,9 +22,10 @@ import selectors
 import signal
 import time
 
-from mplb import logs, reservation
+from mplb import reservation
 from mplb.errors import ConfigError, StartupError
 from mplb.listeners import bind_listens
+from mplb.logfiles import AccessLogFiles, reopen_logs
 
 log = logging.getLogger("mplb.master")
 
@@ -94,6 +95,7 @@ class Master:
         self.shm_dir = shm_dir
         self.ops = ops or ProcessOps()
         self.sockets = {}               # listen key -> (socket, Listen)
+        self.access_logs = AccessLogFiles()   # opened here, inherited by the workers
         self.workers = {}               # pid -> WorkerProcess
         self.generation = 1             # the generation new workers join
         self.last_generation = 1        # the highest number ever given
@@ -116,7 +118,10 @@ class Master:
     # -- start-up ------------------------------------------------------------
     def start(self):
         """Bind, create shared memory, fork workers; raises StartupError."""
+        log_warnings(self.config)
+        self.access_logs.open(self.config.access_log)
         self.sockets = bind_listens(self.config, {})
+        self._remove_stale_segments()
         self.shared = self._create_shared()
         self.shared.set_generation(self.generation)
         reservation.reserve(self.config, self.shared)
@@ -127,6 +132,12 @@ class Master:
             self.spawn_worker()
         log.info("mplb started: %d worker(s), listening on %s", self.worker_count,
                  ", ".join(str(listen) for _, listen in self.sockets.values()))
+
+    def _remove_stale_segments(self):
+        from mplb.shm import remove_stale_segments
+        for path in remove_stale_segments(self.shm_dir):
+            log.warning("removed %s: shared memory of an mplb master that no longer runs",
+                        path)
 
     def _create_shared(self):
         from mplb.persistence import table_entries_for
@@ -248,6 +259,7 @@ class Master:
         for generation in list(self.configs):
             if generation not in running:
                 del self.configs[generation]
+        self.access_logs.keep(config.access_log for config in self.configs.values())
         freed = reservation.reclaim(self.shared, self.configs.values())
         if any(freed.values()):
             log.debug("shared memory reclaimed: %d server(s), %d table(s), %d upstream(s)",
@@ -369,9 +381,7 @@ class Master:
 
     def handle_usr1(self):
         log.info("reopening logs")
-        logs.reopen()
-        for worker in self.workers.values():
-            self._signal(worker.pid, signal.SIGUSR1)
+        reopen_logs(self.access_logs, self.workers.values(), self.configs)
 
     def handle_ttin(self):
         self.workers_override = self.worker_count + 1
@@ -394,7 +404,9 @@ class Master:
         log.info("reloading configuration %s", self.config_path)
         try:
             config = load(self.config_path)
+            log_warnings(config)
             reservation.reserve(config, self.shared)
+            self.access_logs.open(config.access_log)
             sockets = bind_listens(config, self.sockets)
         except (ConfigError, StartupError) as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
@@ -490,8 +502,15 @@ class Master:
         if self.shared is not None:
             self.shared.unlink()
             self.shared.close()
+        self.access_logs.keep(())
         if self.pid_file:
             try:
                 os.unlink(self.pid_file)
             except OSError:
                 pass
+
+
+def log_warnings(config):
+    """What a configuration asks that cannot be done here (see Config.warnings)."""
+    for warning in config.warnings:
+        log.warning("%s", warning)
