@@ -48,6 +48,12 @@ def setup(error_log=None, verbose=False):
     return root
 
 
+def warn_config(config):
+    """Log what a configuration asks that cannot be done here (``Config.warnings``)."""
+    for warning in config.warnings:
+        logging.getLogger("mplb.master").warning("%s", warning)
+
+
 def reopen():
     """USR1: reopen the error_log file (after log rotation moved it away)."""
     for handler in logging.getLogger("mplb").handlers:

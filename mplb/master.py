@@ -22,7 +22,7 @@ import selectors
 import signal
 import time
 
-from mplb import reservation
+from mplb import logs, reservation
 from mplb.errors import ConfigError, StartupError
 from mplb.listeners import bind_listens
 from mplb.logfiles import AccessLogFiles, reopen_logs
@@ -118,10 +118,9 @@ class Master:
     # -- start-up ------------------------------------------------------------
     def start(self):
         """Bind, create shared memory, fork workers; raises StartupError."""
-        log_warnings(self.config)
+        logs.warn_config(self.config)
         self.access_logs.open(self.config.access_log)
         self.sockets = bind_listens(self.config, {})
-        self._remove_stale_segments()
         self.shared = self._create_shared()
         self.shared.set_generation(self.generation)
         reservation.reserve(self.config, self.shared)
@@ -133,15 +132,13 @@ class Master:
         log.info("mplb started: %d worker(s), listening on %s", self.worker_count,
                  ", ".join(str(listen) for _, listen in self.sockets.values()))
 
-    def _remove_stale_segments(self):
-        from mplb.shm import remove_stale_segments
-        for path in remove_stale_segments(self.shm_dir):
-            log.warning("removed %s: shared memory of an mplb master that no longer runs",
-                        path)
-
     def _create_shared(self):
+        """The segment, once those of masters that no longer run are gone."""
         from mplb.persistence import table_entries_for
-        from mplb.shm import SharedState, segment_path
+        from mplb.shm import SharedState, remove_stale_segments, segment_path
+        for stale in remove_stale_segments(self.shm_dir):
+            log.warning("removed %s: shared memory of an mplb master that no longer runs",
+                        stale)
         path = segment_path(os.getpid(), self.shm_dir)
         max_workers = max(64, self.worker_count * 4)
         servers = sum(len(u.servers) for u in self.config.upstreams.values())
@@ -404,7 +401,7 @@ class Master:
         log.info("reloading configuration %s", self.config_path)
         try:
             config = load(self.config_path)
-            log_warnings(config)
+            logs.warn_config(config)
             reservation.reserve(config, self.shared)
             self.access_logs.open(config.access_log)
             sockets = bind_listens(config, self.sockets)
@@ -508,9 +505,3 @@ class Master:
                 os.unlink(self.pid_file)
             except OSError:
                 pass
-
-
-def log_warnings(config):
-    """What a configuration asks that cannot be done here (see Config.warnings)."""
-    for warning in config.warnings:
-        log.warning("%s", warning)

@@ -15,7 +15,6 @@ import select
 import signal
 import socket
 import stat
-import struct
 
 import psutil
 import pytest
@@ -24,9 +23,10 @@ from mplb import cli, privileges
 from mplb.config import load
 from mplb.errors import ConfigError
 from mplb.shm import SharedState, remove_stale_segments, segment_path
-from mplb.shm.layout import HDR_MASTER_PID, HDR_VERSION, MAGIC, VERSION, segment_layout
+from mplb.shm.layout import VERSION
 from mplb.workers import handover
-from tests.harness import Backend, Mplb, free_port, get, wait_for
+from tests.harness import (Backend, Mplb, Process, fake_segment, free_port, get,
+                           mplb_command, wait_for)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -190,7 +190,6 @@ def test_a_half_drop_is_refused():
 # -- real mplb: workers, the segment, reloads ---------------------------------------------
 
 LB_CONF = """# privileges
-{user}
 error_log {dir}/error.log;
 access_log {dir}/access.log;
 upstream app {{
@@ -203,6 +202,15 @@ server {{
 }}
 """
 SECRET = "privilege-test-cookie-secret-4b1d"
+
+
+def start_lb(backend, tmp_path, workers=1):
+    """A real mplb (as root, without ``user``) in front of ``backend``; ``.port``, ``.text``."""
+    port = free_port()
+    text = LB_CONF.format(dir=tmp_path, secret=SECRET, backend=backend.url, port=port)
+    mplb = Mplb(text, workers=workers, wait_ports=[port])
+    mplb.port, mplb.text = port, text
+    return mplb
 
 
 def workers_as(mplb, uid, gid, count):
@@ -225,9 +233,8 @@ def backend():
 
 @root_only
 def test_workers_run_as_user_through_ttin_respawn_and_reload(backend, tmp_path):
-    port = free_port()
-    text = LB_CONF.format(user="", dir=tmp_path, secret=SECRET, backend=backend.url, port=port)
-    mplb = Mplb(text, workers=2, wait_ports=[port])
+    mplb = start_lb(backend, tmp_path, workers=2)
+    port, text = mplb.port, mplb.text
     try:
         assert psutil.Process(mplb.pid).uids().effective == 0
         first = workers_as(mplb, NOBODY.pw_uid, NOBODY.pw_gid, 2)
@@ -258,9 +265,8 @@ def test_workers_run_as_user_through_ttin_respawn_and_reload(backend, tmp_path):
 
 @root_only
 def test_the_segment_is_private_and_holds_no_secret(backend, tmp_path):
-    port = free_port()
-    text = LB_CONF.format(user="", dir=tmp_path, secret=SECRET, backend=backend.url, port=port)
-    mplb = Mplb(text, workers=1, wait_ports=[port])
+    mplb = start_lb(backend, tmp_path)
+    port = mplb.port
     try:
         status, headers, _ = get(port)
         assert status == 200 and "mplb_session" in headers.get("set-cookie", "").lower()
@@ -284,6 +290,29 @@ def test_the_segment_is_private_and_holds_no_secret(backend, tmp_path):
             assert as_nobody(try_read, control) == "read"
         finally:
             os.unlink(control)
+    finally:
+        mplb.stop()
+
+
+@root_only
+def test_the_master_opens_the_log_files_a_bad_path_fails_start_and_reload(backend, tmp_path):
+    bad = tmp_path / "missing" / "access.log"
+    conf = tmp_path / "bad.conf"
+    conf.write_text(f"access_log {bad};\n" + SERVE.format(port=free_port()))
+    proc = Process(mplb_command() + ["-conf", str(conf), "-workers", "1"], name="badlog")
+    try:
+        assert proc.wait(timeout=30) == 1
+        assert f'open() "{bad}" failed (2: No such file or directory)' in proc.output()
+    finally:
+        proc.stop()
+    mplb = start_lb(backend, tmp_path)
+    try:
+        serving = workers_as(mplb, NOBODY.pw_uid, NOBODY.pw_gid, 1)
+        mplb.rewrite(mplb.text.replace(str(tmp_path / "access.log"), str(bad)))
+        os.kill(mplb.pid, signal.SIGHUP)
+        wait_for(lambda: "reload failed" in mplb.output(), message="the reload to fail")
+        assert f'open() "{bad}" failed' in mplb.output()
+        assert set(mplb.worker_pids()) == serving and get(mplb.port)[0] == 200
     finally:
         mplb.stop()
 
@@ -314,9 +343,8 @@ def _hand_over_as_a_stranger(master_pid, worker_pid):
 @root_only
 def test_a_stranger_running_as_the_workers_user_cannot_hand_a_worker_descriptors(
         backend, tmp_path):
-    port = free_port()
-    text = LB_CONF.format(user="", dir=tmp_path, secret=SECRET, backend=backend.url, port=port)
-    mplb = Mplb(text, workers=1, wait_ports=[port])
+    mplb = start_lb(backend, tmp_path)
+    port = mplb.port
     try:
         worker, = workers_as(mplb, NOBODY.pw_uid, NOBODY.pw_gid, 1)     # listening
         got = as_nobody(_hand_over_as_a_stranger, mplb.pid, worker)
@@ -384,18 +412,6 @@ def test_a_sender_gives_descriptors_only_to_the_worker_it_meant():
 
 
 # -- stale segments ------------------------------------------------------------------------
-
-def fake_segment(path, pid, version=VERSION, magic=MAGIC):
-    """A segment file as a master ``pid`` would leave it (no lock held)."""
-    header, total = segment_layout(1, 1, 16, 1)
-    header = bytearray(header)
-    header[:8] = magic
-    struct.pack_into("<q", header, HDR_VERSION * 8, version)
-    struct.pack_into("<q", header, HDR_MASTER_PID * 8, pid)
-    with open(path, "wb") as handle:
-        handle.write(header)
-        handle.truncate(total)
-
 
 def dead_pid():
     """A pid no process can have: above the kernel's largest."""
@@ -473,10 +489,7 @@ def test_a_killed_masters_segment_is_removed_at_the_next_start_a_live_ones_is_no
     started = []
     try:
         for _ in range(2):
-            port = free_port()
-            started.append(Mplb(LB_CONF.format(user="", dir=tmp_path, secret=SECRET,
-                                               backend=backend.url, port=port),
-                                workers=1, wait_ports=[port]))
+            started.append(start_lb(backend, tmp_path))
         first, second = started
         assert not os.path.exists(fake)
         assert f"removed {fake}" in first.output()
@@ -484,10 +497,7 @@ def test_a_killed_masters_segment_is_removed_at_the_next_start_a_live_ones_is_no
         os.kill(first.pid, signal.SIGKILL)
         wait_for(lambda: not first.alive(), message="the first master killed")
         assert os.path.exists(segment_path(first.pid))        # left behind
-        port = free_port()
-        started.append(Mplb(LB_CONF.format(user="", dir=tmp_path, secret=SECRET,
-                                           backend=backend.url, port=port),
-                            workers=1, wait_ports=[port]))
+        started.append(start_lb(backend, tmp_path))
         assert not os.path.exists(segment_path(first.pid))
         assert os.path.exists(segment_path(second.pid))
     finally:
