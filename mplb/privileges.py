@@ -3,9 +3,10 @@
 The master keeps the privileges it was started with: binding ports below 1024, opening
 log files, reading TLS keys and doing all of that again at a reload need them.  Workers
 parse every stranger's bytes, so when the master is root each forked worker gives root
-up for good (the ``user`` directive; ``nobody`` by default) before it imports the data
-plane.  Names are resolved when the configuration is loaded: a typo fails at ``-t``, and
-a worker never calls the name service after a fork from the threaded master.
+up for good (the ``user`` directive; ``nobody`` by default) once it is built, before its
+event loop reads the first client byte (mplb.workers.process).  Names are resolved when
+the configuration is loaded: a typo fails at ``-t``, and a worker never calls the name
+service after a fork from the threaded master.
 """
 from __future__ import annotations
 

@@ -52,4 +52,3 @@ def fork_worker(master, slot, number):
         run_worker(ctx)
     finally:
         os._exit(1)
-

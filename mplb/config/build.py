@@ -14,9 +14,9 @@ from types import MappingProxyType
 
 import crossplane
 
+from mplb import privileges
 from mplb.config import registry
 from mplb.config.handlers import Scope, make_server
-from mplb import privileges
 from mplb.config.model import (
     Config, ErrorLog, Listen, Location, Persistence, ProxySettings, Upstream, VirtualServer,
     WorkerUser,
