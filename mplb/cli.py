@@ -71,6 +71,8 @@ def main(argv=None):
             return fail(str(exc))
         config = None
     if args.test:
+        for warning in config.warnings:
+            print(f"mplb: [warn] {warning}", file=sys.stderr)
         print(f"mplb: the configuration file {args.conf} syntax is ok", file=sys.stderr)
         print(f"mplb: configuration file {args.conf} test is successful", file=sys.stderr)
         return 0
@@ -79,7 +81,8 @@ def main(argv=None):
     from setproctitle import setproctitle
     from mplb import logs
     from mplb.master import Master
-    setproctitle(f"mplb: master process -conf {args.conf}")
+    from mplb.shm import MASTER_TITLE
+    setproctitle(f"{MASTER_TITLE} -conf {args.conf}")
     logs.setup(config.error_log, args.verbose)
     master = Master(config, args.conf, verbose=args.verbose, workers_override=args.workers,
                     pid_file=args.pid)

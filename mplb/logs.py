@@ -1,11 +1,14 @@
 """Error-log set-up shared by the master and (inherited through fork) the workers.
 
 Lines look like nginx's: ``2026/11/28 13:40:01 [info] 4242#0: message``.  Logs go to
-stderr and, with ``error_log FILE``, to that file as well; USR1 reopens the file.
+stderr and, with ``error_log FILE``, to that file as well.  The master opens the file
+(workers inherit it); on USR1 the master reopens it and passes the new descriptor to
+the workers (mplb.logfiles), which never open the path themselves.
 """
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
@@ -45,6 +48,12 @@ def setup(error_log=None, verbose=False):
     return root
 
 
+def warn_config(config):
+    """Log what a configuration asks that cannot be done here (``Config.warnings``)."""
+    for warning in config.warnings:
+        logging.getLogger("mplb.master").warning("%s", warning)
+
+
 def reopen():
     """USR1: reopen the error_log file (after log rotation moved it away)."""
     for handler in logging.getLogger("mplb").handlers:
@@ -55,3 +64,29 @@ def reopen():
                 handler.stream = handler._open()
             finally:
                 handler.release()
+
+
+def _file_handler():
+    return next((handler for handler in logging.getLogger("mplb").handlers
+                 if isinstance(handler, logging.FileHandler)), None)
+
+
+def error_log_fd():
+    """The descriptor of the error_log file, None when logging to stderr only."""
+    handler = _file_handler()
+    return handler.stream.fileno() if handler is not None and handler.stream else None
+
+
+def use_error_log_fd(fd: int) -> None:
+    """Worker, after USR1: write the error log to ``fd``, which the master opened anew."""
+    handler = _file_handler()
+    if handler is None:
+        os.close(fd)
+        return
+    handler.acquire()
+    try:
+        old, handler.stream = handler.stream, os.fdopen(fd, "a", encoding="utf-8")
+        if old is not None:
+            old.close()
+    finally:
+        handler.release()

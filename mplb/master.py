@@ -25,6 +25,7 @@ import time
 from mplb import logs, reservation
 from mplb.errors import ConfigError, StartupError
 from mplb.listeners import bind_listens
+from mplb.logfiles import AccessLogFiles, reopen_logs
 
 log = logging.getLogger("mplb.master")
 
@@ -94,6 +95,7 @@ class Master:
         self.shm_dir = shm_dir
         self.ops = ops or ProcessOps()
         self.sockets = {}               # listen key -> (socket, Listen)
+        self.access_logs = AccessLogFiles()   # opened here, inherited by the workers
         self.workers = {}               # pid -> WorkerProcess
         self.generation = 1             # the generation new workers join
         self.last_generation = 1        # the highest number ever given
@@ -116,6 +118,8 @@ class Master:
     # -- start-up ------------------------------------------------------------
     def start(self):
         """Bind, create shared memory, fork workers; raises StartupError."""
+        logs.warn_config(self.config)
+        self.access_logs.open(self.config.access_log)
         self.sockets = bind_listens(self.config, {})
         self.shared = self._create_shared()
         self.shared.set_generation(self.generation)
@@ -129,8 +133,12 @@ class Master:
                  ", ".join(str(listen) for _, listen in self.sockets.values()))
 
     def _create_shared(self):
+        """The segment, once those of masters that no longer run are gone."""
         from mplb.persistence import table_entries_for
-        from mplb.shm import SharedState, segment_path
+        from mplb.shm import SharedState, remove_stale_segments, segment_path
+        for stale in remove_stale_segments(self.shm_dir):
+            log.warning("removed %s: shared memory of an mplb master that no longer runs",
+                        stale)
         path = segment_path(os.getpid(), self.shm_dir)
         max_workers = max(64, self.worker_count * 4)
         servers = sum(len(u.servers) for u in self.config.upstreams.values())
@@ -248,6 +256,7 @@ class Master:
         for generation in list(self.configs):
             if generation not in running:
                 del self.configs[generation]
+        self.access_logs.keep(config.access_log for config in self.configs.values())
         freed = reservation.reclaim(self.shared, self.configs.values())
         if any(freed.values()):
             log.debug("shared memory reclaimed: %d server(s), %d table(s), %d upstream(s)",
@@ -369,9 +378,7 @@ class Master:
 
     def handle_usr1(self):
         log.info("reopening logs")
-        logs.reopen()
-        for worker in self.workers.values():
-            self._signal(worker.pid, signal.SIGUSR1)
+        reopen_logs(self.access_logs, self.workers.values(), self.configs)
 
     def handle_ttin(self):
         self.workers_override = self.worker_count + 1
@@ -394,7 +401,9 @@ class Master:
         log.info("reloading configuration %s", self.config_path)
         try:
             config = load(self.config_path)
+            logs.warn_config(config)
             reservation.reserve(config, self.shared)
+            self.access_logs.open(config.access_log)
             sockets = bind_listens(config, self.sockets)
         except (ConfigError, StartupError) as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
@@ -490,6 +499,7 @@ class Master:
         if self.shared is not None:
             self.shared.unlink()
             self.shared.close()
+        self.access_logs.keep(())
         if self.pid_file:
             try:
                 os.unlink(self.pid_file)

@@ -26,9 +26,8 @@ import time
 import psutil
 
 from mplb.dashboard import human_bytes, human_duration
-from mplb.shm import SharedState, segment_path
+from mplb.shm import MASTER_TITLE, SharedState, segment_owner, segment_path
 
-MASTER_TITLE = "mplb: master process"
 WORKER_TITLE = "mplb: worker process"
 CPU_SAMPLE = 0.2
 CLEAR = "\x1b[H\x1b[2J"
@@ -269,6 +268,10 @@ class Stats:
         self.close()
         path = segment_path(pid, self.args.shm_dir)
         try:
+            if segment_owner(path) != pid:
+                warnings.append(f"shared memory {path} is stale (its master no longer "
+                                f"runs); ignored")
+                return None
             self.shared = SharedState.open_readonly(path)
             self.shared_pid = pid
         except FileNotFoundError:

@@ -2,6 +2,8 @@
 
 Kept apart from mplb.master so that the master module itself never imports gevent:
 ``mplb.workers.process`` (and with it gevent) is imported only inside the forked child.
+What needs root (listen sockets, log files, TLS keys) the master opened before the fork;
+the child gives root up before its first client byte (``run_worker``).
 """
 from __future__ import annotations
 
@@ -45,7 +47,8 @@ def fork_worker(master, slot, number):
         ctx = WorkerContext(
             config=master.config, listen_sockets=dict(master.sockets),
             control_fd=child_end.fileno(), shared=master.shared, slot=slot, number=number,
-            generation=master.generation, master_pid=os.getppid(), verbose=master.verbose)
+            generation=master.generation, master_pid=os.getppid(), verbose=master.verbose,
+            access_log_fd=master.access_logs.fd_for(master.config.access_log))
         run_worker(ctx)
     finally:
         os._exit(1)

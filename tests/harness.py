@@ -13,6 +13,7 @@ import random
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -733,3 +734,17 @@ def backend_pool(prefix, count=3):
     finally:
         for backend in started:
             backend.stop()
+
+
+def fake_segment(path, pid, version=None, magic=None):
+    """A shared segment file as a master ``pid`` leaves it when killed (no lock held);
+    ``version`` and ``magic`` default to this mplb's."""
+    from mplb.shm import layout
+    header, total = layout.segment_layout(1, 1, 16, 1)
+    header = bytearray(header)
+    header[:8] = magic or layout.MAGIC
+    struct.pack_into("<q", header, layout.HDR_VERSION * 8, version or layout.VERSION)
+    struct.pack_into("<q", header, layout.HDR_MASTER_PID * 8, pid)
+    with open(path, "wb") as handle:
+        handle.write(header)
+        handle.truncate(total)

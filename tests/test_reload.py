@@ -330,6 +330,13 @@ def test_usr1_reopens_logs_and_access_log_lines(backends, tmp_path):
         wait_for(lambda: (tmp_path / "error.log").exists(), message="error log reopened")
         wait_for(lambda: backend_of(port, "/second") and access.exists()
                  and "/second" in access.read_text(), message="access log reopened")
+        # The worker (not root, in a 0700 directory) writes to the files the master
+        # reopened and handed over: its -v upgrade line lands in the new error log.
+        _open_tunnels(port, 1)[0].close()
+        worker = mplb.worker_pids()[0]
+        wait_for(lambda: f"{worker}#0: upgrade GET /ws" in (tmp_path / "error.log").read_text(),
+                 message="the worker's line in the new error log")
+        assert (tmp_path / "error.log.1").read_text().count("upgrade GET /ws") == 1
     finally:
         mplb.stop()
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.harness import ROOT, Stack, get, wait_for
+from tests.harness import ROOT, Stack, fake_segment, get, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -176,6 +176,17 @@ def test_by_title_alone(lb):
         assert result.returncode == 2, result.stderr
         assert "several mplb masters" in result.stderr
         assert f"{lb.pid}  mplb: master process -conf {lb.conf}" in result.stderr
+
+
+def test_a_stale_segment_is_ignored(lb, tmp_path):
+    """A segment file named after the master but held by no live master (a killed
+    master's, its pid since reused) is not read: no counters, one warning."""
+    fake_segment(str(tmp_path / f"mplb.{lb.pid}"), lb.pid)
+    doc = json.loads(run("-pid", lb.pid_file, "--json", "--shm-dir", str(tmp_path)).stdout)
+    assert any("is stale" in warning for warning in doc["warnings"]), doc["warnings"]
+    assert doc["servers"] == []
+    live = json.loads(run("-pid", lb.pid_file, "--json").stdout)        # the real one
+    assert not any("stale" in warning for warning in live["warnings"]) and live["servers"]
 
 
 def test_errors(tmp_path):

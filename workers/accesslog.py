@@ -5,9 +5,12 @@ Durations come from the monotonic clock alone (CLOCK_MONOTONIC is one clock for 
 process of the host, so a tunnel handed to another worker keeps its start), never
 from the wall clock, which can step backwards.
 Lines are buffered per worker and flushed at least once a second and at exit.
+The worker never opens the file: it writes to a descriptor the master opened
+(mplb.logfiles), and USR1 hands it a new one.
 """
 from __future__ import annotations
 
+import os
 import time
 
 
@@ -24,16 +27,15 @@ def _quote(text: str) -> str:
 
 
 class AccessLog:
-    """Buffered writer of access log lines for one worker."""
+    """Buffered writer of access log lines for one worker (``fd`` None: no access log)."""
 
-    def __init__(self, path):
-        self.path = path
-        self.enabled = path is not None
+    def __init__(self, fd):
+        self.enabled = fd is not None
         self._file = None
         self._lines = []
         self._last_flush = time.monotonic()
         if self.enabled:
-            self._file = open(path, "a", encoding="utf-8", errors="replace")
+            self._file = _writer(fd)
 
     def _write(self, line):
         self._lines.append(line)
@@ -71,8 +73,15 @@ class AccessLog:
             self._file.flush()
             self._lines.clear()
 
-    def reopen(self):
-        if self.enabled:
-            self.flush()
-            self._file.close()
-            self._file = open(self.path, "a", encoding="utf-8", errors="replace")
+    def replace(self, fd):
+        """USR1: write from now on to ``fd``, the file the master opened anew."""
+        if not self.enabled:
+            os.close(fd)
+            return
+        self.flush()
+        self._file.close()
+        self._file = _writer(fd)
+
+
+def _writer(fd):
+    return os.fdopen(fd, "a", encoding="utf-8", errors="replace")

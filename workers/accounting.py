@@ -18,10 +18,10 @@ log = logging.getLogger("mplb.worker")
 class Accounting:
     """Counters and log lines of one worker (``shared`` may be None: counted nowhere)."""
 
-    def __init__(self, shared, slot, access_log_path):
+    def __init__(self, shared, slot, access_log_fd):
         self.shared = shared
         self.slot = slot
-        self.access_log = AccessLog(access_log_path)
+        self.access_log = AccessLog(access_log_fd)
         self.logging = self.access_log.enabled      # callers may skip log_access when off
         self._exchange_words = {}     # server url -> its words (see count_exchange)
         # This worker's connection count, one word written on every accept and close.

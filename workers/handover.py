@@ -5,9 +5,11 @@ Every worker listens on an abstract Unix socket named after the master and its o
 A retiring worker sends each movable item (a plain-TCP tunnel: workers.tunnelbook; a
 client connection between requests: workers.acceptor) to a worker of the serving
 generation: its file descriptors (SCM_RIGHTS) with a JSON state naming its kind and
-what the receiver needs to carry on under its own configuration.  Only a worker whose
-parent is our master may hand anything over: the receiver checks the peer's
-credentials.
+what the receiver needs to carry on under its own configuration.  The socket is
+abstract (any local process may connect to it, or bind a name first), so both ends
+check the other's credentials (SO_PEERCRED): a receiver takes descriptors only from a
+child of our master, and a sender gives them only to the very worker it meant, itself
+a child of our master.
 
 Wire format, per item: ``sendmsg`` of a 12-byte header (three big-endian uint32: state
 length, then the lengths of two byte strings the kind defines) carrying the fds, then
@@ -41,6 +43,11 @@ IO_TIMEOUT = 5.0
 
 def socket_name(master_pid: int, worker_pid: int) -> bytes:
     return f"\0mplb.{master_pid}.handover.{worker_pid}".encode()
+
+
+def peer_pid(sock) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[0]
 
 
 def parent_of(pid: int) -> int:
@@ -88,9 +95,7 @@ class HandoverServer:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
-            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                    struct.calcsize("3i"))
-            pid, _, _ = struct.unpack("3i", creds)
+            pid = peer_pid(conn)
             if parent_of(pid) != self.master_pid:
                 log.warning("refused a handover from pid %d (not our sibling)", pid)
                 conn.close()
@@ -186,10 +191,17 @@ def _open_channels(master_pid, targets) -> list:
         sock.settimeout(IO_TIMEOUT)
         try:
             sock.connect(socket_name(master_pid, pid))
-            channels.append(sock)
         except OSError as exc:
             log.warning("cannot reach worker %d for a handover: %s", pid, exc)
             sock.close()
+            continue
+        listener = peer_pid(sock)
+        if listener != pid or parent_of(listener) != master_pid:
+            log.warning("the handover socket of worker %d is held by pid %d, not a worker "
+                        "of this master: nothing sent to it", pid, listener)
+            sock.close()
+            continue
+        channels.append(sock)
     return channels
 
 

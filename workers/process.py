@@ -3,8 +3,13 @@
 The master forks a worker and calls ``run_worker``; everything gevent happens from
 here on, so the master never imports gevent.  ``Lifecycle`` is what the process does
 with its time: start accepting, tell the master it is ready, prove every second that
-its event loop runs, and stop when told (QUIT: finish in-flight work and hand tunnels
-over; TERM: now).
+its event loop runs, take the log files the master passes after USR1, and stop when
+told (QUIT: finish in-flight work and hand tunnels over; TERM: now).
+
+A worker of a root master gives root up (the ``user`` directive, mplb.privileges) once
+it is built and prepared, before its event loop reads the first client byte; from then
+on it opens no file by path (the master passes log files) and imports nothing new
+(its user may be unable to read the Python installation, e.g. one under /root).
 """
 from __future__ import annotations
 
@@ -16,8 +21,10 @@ import sys
 import time
 
 import gevent
+from gevent import socket as gsocket
 
-from mplb import logs
+from mplb import logfiles, logs
+from mplb.privileges import drop_privileges
 from mplb.workers import tunnel
 from mplb.workers.handover import HandoverServer, successor_pids
 
@@ -33,7 +40,7 @@ class WorkerContext:
     """What the master hands a worker at fork time."""
 
     def __init__(self, config, listen_sockets, control_fd, shared, slot, number,
-                 generation, master_pid, verbose):
+                 generation, master_pid, verbose, access_log_fd=None):
         self.config = config
         self.listen_sockets = listen_sockets      # {listen key: (socket, Listen)}
         self.control_fd = control_fd
@@ -43,6 +50,7 @@ class WorkerContext:
         self.generation = generation
         self.master_pid = master_pid
         self.verbose = verbose
+        self.access_log_fd = access_log_fd        # opened by the master; None: off
 
 
 class Lifecycle:
@@ -53,12 +61,14 @@ class Lifecycle:
         self.ctx = worker.ctx
         self.handover = None
 
-    def run(self):
+    def prepare(self):
+        """Listen, take signals, open the handover socket: nothing runs until ``run``
+        (no greenlet, no client byte, before the event loop first runs)."""
         worker = self.worker
         worker.acceptor.start(self.ctx.listen_sockets)
         gevent.signal_handler(signal.SIGQUIT, self.graceful_stop)
         gevent.signal_handler(signal.SIGTERM, self.fast_stop)
-        gevent.signal_handler(signal.SIGUSR1, self.reopen_logs)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)   # new log files come from the master
         # fork_worker left signals blocked until these handlers exist; any QUIT or TERM
         # sent meanwhile is delivered now, to them.
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
@@ -68,10 +78,14 @@ class Lifecycle:
             self.handover = HandoverServer(self.ctx.master_pid, receivers)
         except OSError as exc:
             log.error("cannot listen for handovers: %s", exc)
+
+    def run(self):
+        """Report ready and serve until stopped."""
         try:
             os.write(self.ctx.control_fd, b"r")      # ready: the master may retire the old
         except OSError:
             self.fast_stop()
+        gevent.spawn(self.control_loop)
         gevent.spawn(self.heartbeat_loop).join()
 
     def heartbeat_loop(self):
@@ -93,6 +107,28 @@ class Lifecycle:
                 acceptor.accepted_since_trim = 0
                 release_free_memory()
             gevent.sleep(HEARTBEAT_INTERVAL)
+
+    def control_loop(self):
+        """Take the log files the master reopened (USR1) over the control socket."""
+        control = gsocket.socket(fileno=os.dup(self.ctx.control_fd))
+        try:
+            while True:
+                message = logfiles.receive_log(control)
+                if message is None:
+                    return                    # the master is gone: heartbeats notice
+                kind, fd = message
+                if fd is None:
+                    continue
+                if kind == logfiles.ERROR_LOG:
+                    logs.use_error_log_fd(fd)
+                elif kind == logfiles.ACCESS_LOG:
+                    self.worker.accounting.access_log.replace(fd)
+                else:
+                    os.close(fd)
+        except OSError as exc:
+            log.error("control socket failed: %s", exc)
+        finally:
+            control.close()
 
     def graceful_stop(self):
         """Stop accepting, finish in-flight requests, then tunnels (bounded by config).
@@ -143,10 +179,6 @@ class Lifecycle:
         logging.shutdown()
         os._exit(code)
 
-    def reopen_logs(self):
-        logs.reopen()
-        self.worker.accounting.access_log.reopen()
-
 
 def run_worker(ctx):
     """Entry point in the forked child; never returns."""
@@ -165,13 +197,16 @@ def run_worker(ctx):
         try:
             from mplb.workers.worker import Worker
             worker = Worker(ctx)
+            worker.lifecycle.prepare()
+            start_profiling()
+            if ctx.config.user is not None:
+                drop_privileges(ctx.config.user.uid, ctx.config.user.gid)
         except Exception as exc:   # noqa: BLE001 - reported to the master by exit code
             log.error("worker boot failed: %s", exc)
             logging.shutdown()
             os._exit(EXIT_BOOT_FAILURE)
         if ctx.shared is not None:
             ctx.shared.worker_started(ctx.slot, os.getpid(), ctx.generation)
-        start_profiling()
         worker.lifecycle.run()
     except SystemExit as exc:
         code = exc.code or 0
@@ -184,23 +219,29 @@ def run_worker(ctx):
 
 
 # -- process-wide services ------------------------------------------------------------
-_PROFILE = {"profiler": None, "dir": None}
+_PROFILE = {"profiler": None, "file": None}
 
 
 def start_profiling():
-    """MPLB_PROFILE_DIR=DIR: cProfile each worker, one file per pid, written at exit."""
-    if os.environ.get("MPLB_PROFILE_DIR"):
+    """MPLB_PROFILE_DIR=DIR: cProfile each worker, one file per pid, written at exit
+    (to a file opened now, before the worker gives root up)."""
+    directory = os.environ.get("MPLB_PROFILE_DIR")
+    if directory:
         import cProfile
-        _PROFILE["dir"] = os.environ["MPLB_PROFILE_DIR"]
+        import marshal  # noqa: F401 - used at exit, when the worker may not import
+        _PROFILE["file"] = open(os.path.join(directory, f"worker-{os.getpid()}.prof"), "wb")
         _PROFILE["profiler"] = cProfile.Profile(time.process_time)
         _PROFILE["profiler"].enable()
 
 
 def stop_profiling():
-    if _PROFILE["profiler"] is not None:
-        _PROFILE["profiler"].disable()
-        _PROFILE["profiler"].dump_stats(
-            os.path.join(_PROFILE["dir"], f"worker-{os.getpid()}.prof"))
+    profiler, handle = _PROFILE["profiler"], _PROFILE["file"]
+    if profiler is not None:
+        import marshal
+        profiler.disable()
+        profiler.create_stats()                  # what Profile.dump_stats writes
+        marshal.dump(profiler.stats, handle)
+        handle.close()
 
 
 def _load_malloc_trim():

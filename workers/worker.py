@@ -49,7 +49,8 @@ class Worker:
         self.balancers = {name: init_upstream(upstream, self.shared, ctx.slot)
                           for name, upstream in config.upstreams.items()}
         self.tls = _server_contexts(config)
-        self.accounting = Accounting(self.shared, ctx.slot, config.access_log)
+        _import_status_page(config)
+        self.accounting = Accounting(self.shared, ctx.slot, ctx.access_log_fd)
         self.acceptor = Acceptor(self)
         self.tunnels = TunnelBook(self)
         self.lifecycle = Lifecycle(self)
@@ -91,14 +92,27 @@ class Worker:
 
 
 def _server_contexts(config) -> dict:
-    """One server-side SSL context per ssl listen, from its first virtual server."""
+    """One server-side SSL context per ssl listen, from its first virtual server.
+
+    The master loaded each certificate and key with the configuration (a worker may run
+    as a user that cannot read the key); here the stdlib context only becomes gevent's
+    class, whose ``wrap_socket`` makes cooperative sockets (it adds no state of its own).
+    """
     contexts = {}
     for vserver in config.servers:
         for listen in vserver.listens:
-            if listen.ssl and listen.key not in contexts and vserver.ssl_certificate:
+            context = vserver.ssl_context
+            if listen.ssl and listen.key not in contexts and context is not None:
                 from gevent import ssl
-                context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-                context.load_cert_chain(vserver.ssl_certificate, vserver.ssl_certificate_key)
-                context.set_alpn_protocols(["http/1.1"])
+                context.__class__ = ssl.SSLContext
                 contexts[listen.key] = context
     return contexts
+
+
+def _import_status_page(config) -> None:
+    """Import the status page's modules now if a location serves it: a worker imports
+    nothing once it has given root up (its user may be unable to read the code)."""
+    if any(location.status for vserver in config.servers for location in vserver.locations):
+        import mplb.dashboard  # noqa: F401
+        import mplb.persistence  # noqa: F401
+        import mplb.status  # noqa: F401

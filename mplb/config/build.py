@@ -14,10 +14,12 @@ from types import MappingProxyType
 
 import crossplane
 
+from mplb import privileges
 from mplb.config import registry
 from mplb.config.handlers import Scope, make_server
 from mplb.config.model import (
     Config, ErrorLog, Listen, Location, Persistence, ProxySettings, Upstream, VirtualServer,
+    WorkerUser,
 )
 from mplb.config.registry import EVENTS, LOCATION, MAIN, SERVER, UPSTREAM
 from mplb.config.values import Stmt
@@ -151,6 +153,7 @@ def build_config(path: str) -> Config:
     upstreams.update(implicit)
     values = main.values
     log_path, log_level = values.get("error_log", (None, "info"))
+    user, warnings = build_user(values.get("user"), path)
     return Config(
         path=path,
         worker_processes=values.get("worker_processes", os.cpu_count() or 1),
@@ -159,6 +162,8 @@ def build_config(path: str) -> Config:
         pid=values.get("pid"),
         error_log=ErrorLog(path=log_path, level=log_level),
         access_log=values.get("access_log"),
+        user=user,
+        warnings=warnings,
         upstreams=MappingProxyType(upstreams),
         servers=servers,
     )
@@ -193,7 +198,7 @@ def build_server(stmt: Stmt, main: Scope, upstreams: dict, implicit: dict) -> Vi
     settings = effective(main.settings, scope.settings)
     listens = scope.values.get("listens") or [Listen("0.0.0.0", 80, file=stmt.file,
                                                      line=stmt.line)]
-    cert, key = check_certificates(stmt, scope, listens)
+    cert, key, context = load_certificates(stmt, scope, listens)
     locations = []
     seen_patterns = {}
     for location_stmt in location_stmts:
@@ -209,18 +214,23 @@ def build_server(stmt: Stmt, main: Scope, upstreams: dict, implicit: dict) -> Vi
         server_names=tuple(scope.values.get("server_names", ())),
         locations=tuple(locations),
         settings=freeze_settings(settings),
-        ssl_certificate=cert, ssl_certificate_key=key,
+        ssl_certificate=cert, ssl_certificate_key=key, ssl_context=context,
         file=stmt.file, line=stmt.line,
     )
 
 
-def check_certificates(stmt: Stmt, scope: Scope, listens):
-    """Refuse ``listen ... ssl`` without a loadable certificate: fail at -t, not at boot."""
+def load_certificates(stmt: Stmt, scope: Scope, listens):
+    """``(certificate, key, server SSL context)`` of a server block.
+
+    ``listen ... ssl`` without a loadable certificate fails here, at -t, not at boot.
+    The key is read now, by the master, while it may still be root: workers inherit the
+    loaded context and never open the key file (they may run as a user that cannot).
+    """
     cert = scope.values.get("ssl_certificate")
     key = scope.values.get("ssl_certificate_key")
     ssl_listen = next((listen for listen in listens if listen.ssl), None)
     if ssl_listen is None:
-        return (cert[0] if cert else None), (key[0] if key else None)
+        return (cert[0] if cert else None), (key[0] if key else None), None
     if cert is None:
         raise ConfigError('no "ssl_certificate" is defined for the listen ... ssl directive',
                           ssl_listen.file, ssl_listen.line)
@@ -233,7 +243,32 @@ def check_certificates(stmt: Stmt, scope: Scope, listens):
     except (ssl.SSLError, OSError) as exc:
         raise cert[1].error(f'cannot load certificate "{cert[1].args[0]}" with key '
                             f'"{key[1].args[0]}": {exc}') from None
-    return cert[0], key[0]
+    context.set_alpn_protocols(["http/1.1"])
+    return cert[0], key[0], context
+
+
+def build_user(stmt, path: str):
+    """``(WorkerUser or None, warnings)``: who the workers run as.
+
+    Only a root master can switch users: otherwise ``user`` is ignored with a warning,
+    as nginx does.  A root master without the directive uses ``nobody`` and its group.
+    """
+    if not privileges.running_as_root():
+        if stmt is None:
+            return None, ()
+        return None, (f'{stmt.file}:{stmt.line}: the "user" directive makes sense only if '
+                      f"the master process runs as root; ignored",)
+    name = stmt.args[0] if stmt is not None else privileges.DEFAULT_USER
+    group = stmt.args[1] if stmt is not None and len(stmt.args) > 1 else None
+    try:
+        uid, gid, group = privileges.lookup(name, group)
+    except LookupError as exc:
+        if stmt is None:
+            raise ConfigError(f'{exc}: the workers of a root master run as "{name}" unless '
+                              f'the "user" directive names another user', path) from None
+        raise stmt.error(str(exc)) from None
+    where = (stmt.file, stmt.line) if stmt is not None else (path, 0)
+    return WorkerUser(name, group, uid, gid, *where), ()
 
 
 def parse_location_args(stmt: Stmt):

@@ -50,6 +50,10 @@ def set_worker_shutdown_timeout(stmt, scope):
     scope.values["worker_shutdown_timeout"] = to_time(stmt, stmt.args[0])
 
 
+def set_user(stmt, scope):
+    scope.values["user"] = stmt          # resolved by the builder, where root is known
+
+
 def set_pid(stmt, scope):
     scope.values["pid"] = stmt.args[0]
 

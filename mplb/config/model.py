@@ -185,6 +185,9 @@ class VirtualServer:
     settings: ProxySettings
     ssl_certificate: Optional[str] = None
     ssl_certificate_key: Optional[str] = None
+    # The loaded certificate and key (a stdlib ssl.SSLContext), read by the master when it
+    # loads the configuration, while it may still be root; workers inherit it.
+    ssl_context: Optional[object] = field(default=None, compare=False, repr=False)
     file: str = ""
     line: int = 0
 
@@ -196,6 +199,18 @@ class ErrorLog:
 
 
 @dataclass(frozen=True)
+class WorkerUser:
+    """``user NAME [GROUP]``: who the workers run as, resolved at load (master is root)."""
+
+    name: str
+    group: str
+    uid: int
+    gid: int
+    file: str = ""
+    line: int = 0
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     worker_processes: int
@@ -204,6 +219,8 @@ class Config:
     pid: Optional[str] = None
     error_log: ErrorLog = field(default_factory=ErrorLog)
     access_log: Optional[str] = None        # None = off
+    user: Optional[WorkerUser] = None       # None: workers keep the master's user
+    warnings: tuple = ()                    # "FILE:LINE: message", logged at start and reload
     upstreams: Mapping[str, Upstream] = field(default_factory=dict)
     servers: tuple = ()                     # tuple[VirtualServer, ...]
 

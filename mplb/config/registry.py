@@ -86,6 +86,12 @@ DIRECTIVES = (
     _d("worker_shutdown_timeout", (MAIN,), (1, 1), "time;", "—",
        "Bounds how long a retiring worker keeps its open connections and tunnels.",
        "worker_shutdown_timeout 30s;", h.set_worker_shutdown_timeout),
+    _d("user", (MAIN,), (1, 2), "user [group];", "nobody",
+       "When the master runs as root, every worker switches to this user and group (by "
+       "default the user's primary group) with no supplementary groups, for good, once "
+       "the master has bound the listen sockets, opened the log files and read the TLS "
+       "keys; an unknown name is an error.  When the master is not root it is ignored "
+       "with a warning.", "user www-data;", h.set_user),
     _d("pid", (MAIN,), (1, 1), "file;", "—",
        "Writes the master's process id to this file (the -pid flag overrides it).",
        "pid /run/mplb.pid;", h.set_pid),

@@ -56,7 +56,7 @@ import time
 from mplb.shm.tables import ENTRY_WORDS, GROUP
 
 MAGIC = b"MPLBSHM2"
-VERSION = 2
+VERSION = 3                      # 3: the master holds the liveness lock (mplb.shm.liveness)
 HEADER_BYTES = 512
 
 # The header, word by word: the one place that names these fields.

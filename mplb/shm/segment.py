@@ -2,8 +2,11 @@
 
 Why a file: the master creates it before the first fork (MAP_SHARED survives fork, so every
 worker sees the same pages) and tools (mplb-stats) can map it read-only by name.  The master
-removes it on exit (``unlink``).  Secrets (the cookie key, the hash salt) are never in the
-file: they live in the master's memory and reach the workers through fork.
+removes it on exit (``unlink``); the next master removes it if this one was killed
+(mplb.shm.liveness).  Secrets (the cookie key, the hash salt) are never in the file: they
+live in the master's memory and reach the workers through fork.  The file is the
+creator's, mode 0600: workers use the descriptor and mapping they inherit, so only the
+master's user (root, as a rule) can open it, not the user the workers run as.
 
 This module holds the segment's life cycle, its header, the server directory, the
 counters, the worker table and health; mplb.shm.space adds the reservable space
@@ -24,6 +27,7 @@ from mplb.shm.layout import (
     HDR_SIZE, HDR_SLOTS_USED, HDR_STARTED, HDR_VERSION, HEALTH_WORDS, MAGIC, NFIELDS,
     REQUESTS, SECTIONS, TUNNELS, URL_ENTRY_BYTES, URL_MAX, VERSION, W_CONNECTIONS,
     W_GENERATION, W_PID, W_REQUESTS, W_STARTED, WORKER_WORDS, now_us, segment_layout, zeros)
+from mplb.shm import liveness
 from mplb.shm.space import Reservations
 from mplb.shm.tables import LOCK_HEALTH, STRIPES, StripeLocks
 
@@ -68,8 +72,9 @@ class SharedState(Reservations):
         """Master, before the first fork: make and initialise the segment file."""
         header, total = segment_layout(max_workers, max_servers, table_entries, max_tables,
                                        max_upstreams)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
+            liveness.hold(fd)                # before the header: a live file is locked
             os.ftruncate(fd, total)
             mm = mmap.mmap(fd, total, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:

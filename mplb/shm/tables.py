@@ -37,6 +37,7 @@ import struct
 ENTRY_WORDS = 5
 GROUP = 16
 STRIPES = 256
+LOCK_LIVE = 0                    # held by the master as long as it lives (mplb.shm.liveness)
 LOCK_HEALTH = 1                  # + stripe (lock byte offsets may lie beyond the file end)
 LOCK_TABLE = 1 + STRIPES         # + stripe
 TOUCH_US = 1_000_000
