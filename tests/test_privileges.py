@@ -350,7 +350,7 @@ def test_a_stranger_running_as_the_workers_user_cannot_hand_a_worker_descriptors
         got = as_nobody(_hand_over_as_a_stranger, mplb.pid, worker)
         assert got.get("answer") in ("", "ConnectionResetError", "BrokenPipeError"), got
         assert got["descriptor_closed"], got
-        wait_for(lambda: f"refused a tunnel handover from pid {got['me']}" in mplb.output(),
+        wait_for(lambda: f"refused a handover from pid {got['me']}" in mplb.output(),
                  message="the refusal in the log")
         assert mplb.worker_pids() == [worker] and get(port)[0] == 200
     finally:
