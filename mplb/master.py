@@ -20,9 +20,11 @@ import logging
 import os
 import selectors
 import signal
+import threading
 import time
 
 from mplb import logs, reservation
+from mplb.control import READ_CHUNK, ControlReader
 from mplb.errors import ConfigError, StartupError
 from mplb.listeners import bind_listens
 
@@ -56,6 +58,7 @@ class WorkerProcess:
         self.number = number
         self.generation = generation
         self.control = control          # master end of the control socketpair
+        self.reader = ControlReader()   # its frames (mplb.control)
         self.last_heartbeat = time.monotonic()
         self.retiring = False
         self.ready = False              # it reported b"r": accepting and able to adopt
@@ -102,6 +105,9 @@ class Master:
         self.stopping = None            # None, 'fast' or 'graceful'
         self.shared = None
         self.health = None
+        self.store = None               # mplb.store.sync.StoreSync with a shared_store
+        # The store threads write the segment too: reserving and reclaiming wait for them.
+        self.shm_lock = threading.Lock()
         self.selector = None
         self.wakeup_read = None
         self.boot_failed = False
@@ -123,6 +129,7 @@ class Master:
         self._write_pid()
         self._install_signals()
         self._start_health()
+        self.apply_store(self.config)
         for _ in range(self.worker_count):
             self.spawn_worker()
         log.info("mplb started: %d worker(s), listening on %s", self.worker_count,
@@ -148,6 +155,21 @@ class Master:
         from mplb.health import HealthChecker
         self.health = HealthChecker(self.config, self.shared)
         self.health.start()
+
+    def apply_store(self, config):
+        """Join, keep, change or leave the shared store as ``config`` says."""
+        wanted = config.shared_store
+        if self.store is not None and wanted is not None and wanted.same_server(self.store.store):
+            self.store.update_config(config)
+            return
+        if self.store is not None:
+            self.store.stop()
+            log.info("shared store %s left", self.store.store.redacted)
+            self.store = None
+        if wanted is not None:
+            from mplb.store.sync import StoreSync
+            self.store = StoreSync(config, self.shared, self.health, self.shm_lock)
+            self.store.start()
 
     def _write_pid(self):
         if self.pid_file:
@@ -248,7 +270,8 @@ class Master:
         for generation in list(self.configs):
             if generation not in running:
                 del self.configs[generation]
-        freed = reservation.reclaim(self.shared, self.configs.values())
+        with self.shm_lock:
+            freed = reservation.reclaim(self.shared, self.configs.values())
         if any(freed.values()):
             log.debug("shared memory reclaimed: %d server(s), %d table(s), %d upstream(s)",
                       freed["servers"], freed["tables"], freed["upstreams"])
@@ -264,20 +287,28 @@ class Master:
                     pass
                 continue
             try:
-                data = worker.control.recv(4096)
+                data = worker.control.recv(READ_CHUNK)
             except (BlockingIOError, InterruptedError):
                 continue
             except OSError:
                 data = b""
             if data:
                 worker.last_heartbeat = time.monotonic()
-                if b"r" in data:
-                    worker.ready = True
+                self._take_frames(worker, data)
             else:
                 try:
                     self.selector.unregister(worker.control)
                 except (KeyError, ValueError):
                     pass
+
+    def _take_frames(self, worker, data):
+        ready, entries, bad = worker.reader.feed(data)
+        if ready:
+            worker.ready = True
+        if entries and self.store is not None:
+            self.store.offer(entries)
+        if bad:
+            log.warning("worker process %d sent an unknown control frame", worker.pid)
 
     def kill_silent_workers(self):
         now = time.monotonic()
@@ -394,7 +425,8 @@ class Master:
         log.info("reloading configuration %s", self.config_path)
         try:
             config = load(self.config_path)
-            reservation.reserve(config, self.shared)
+            with self.shm_lock:
+                reservation.reserve(config, self.shared)
             sockets = bind_listens(config, self.sockets)
         except (ConfigError, StartupError) as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
@@ -409,6 +441,7 @@ class Master:
         self.configs[new.generation] = config
         if self.health is not None:
             self.health.update_config(config)
+        self.apply_store(config)
         for _ in range(self.worker_count):
             if self.spawn_worker() is None:
                 log.error("reload failed: no free worker slot for the new generation")
@@ -462,6 +495,7 @@ class Master:
                                                       previous.sockets)
         if self.health is not None:
             self.health.update_config(previous.config)
+        self.apply_store(previous.config)
         log.error("reload rolled back: generation %d keeps serving", previous.generation)
         self.reclaim_shared()
 
@@ -485,6 +519,9 @@ class Master:
     def cleanup(self):
         for worker in list(self.workers.values()):
             self._signal(worker.pid, signal.SIGKILL)
+        if self.store is not None:
+            self.store.stop()
+            self.store = None
         if self.health is not None:
             self.health.stop()
         if self.shared is not None:

@@ -18,6 +18,7 @@ import time
 import gevent
 
 from mplb import logs
+from mplb.control import HEARTBEAT, READY, ControlWriter
 from mplb.workers import tunnel
 from mplb.workers.handover import HandoverServer
 
@@ -37,6 +38,7 @@ class WorkerContext:
         self.config = config
         self.listen_sockets = listen_sockets      # {listen key: (socket, Listen)}
         self.control_fd = control_fd
+        self.control = ControlWriter(control_fd)  # every frame to the master goes here
         self.shared = shared
         self.slot = slot
         self.number = number
@@ -66,24 +68,28 @@ class Lifecycle:
             self.handover = HandoverServer(worker, self.ctx.master_pid)
         except OSError as exc:
             log.error("cannot listen for tunnel handovers: %s", exc)
+        self.ready_sent = False
+        self.send_ready()                           # the master may retire the old now
+        gevent.spawn(self.heartbeat_loop).join()
+
+    def send_ready(self):
         try:
-            os.write(self.ctx.control_fd, b"r")      # ready: the master may retire the old
+            self.ready_sent = self.ctx.control.send(READY)
         except OSError:
             self.fast_stop()
-        gevent.spawn(self.heartbeat_loop).join()
 
     def heartbeat_loop(self):
         """Prove to the master that the event loop runs; leave if the master is gone."""
-        fd = self.ctx.control_fd
+        control = self.ctx.control
         acceptor = self.worker.acceptor
         while True:
             if os.getppid() != self.ctx.master_pid:
                 log.error("master process is gone, worker exiting")
                 self.fast_stop()
+            if not self.ready_sent:
+                self.send_ready()
             try:
-                os.write(fd, b"h")
-            except BlockingIOError:
-                pass
+                control.send(HEARTBEAT)
             except OSError:
                 self.fast_stop()
             self.worker.accounting.access_log.flush()   # a quiet worker writes its lines
@@ -144,6 +150,8 @@ def run_worker(ctx):
         # every collection, and collect the young generation less often.
         gc.freeze()
         gc.set_threshold(7000, 20, 20)
+        if ctx.shared is not None and ctx.config.shared_store is not None:
+            ctx.shared.announce = ctx.control.announce   # before the balancers exist
         try:
             from mplb.workers.worker import Worker
             worker = Worker(ctx)
