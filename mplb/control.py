@@ -37,6 +37,7 @@ class ControlWriter:
         self.fd = fd
         self.pending = b""          # unsent tail of a partly written frame
         self.dropped = 0            # entries the full socket did not take
+        self.count_drop = None      # and a callable that counts them where status sees
 
     def send(self, frame: bytes) -> bool:
         """Write ``frame`` now or not at all (True if written); OSError other than a
@@ -61,6 +62,8 @@ class ControlWriter:
             sent = False                         # the heartbeat notices a lost master
         if not sent:
             self.dropped += 1
+            if self.count_drop is not None:
+                self.count_drop()
 
 
 class ControlReader:

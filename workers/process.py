@@ -19,6 +19,7 @@ import gevent
 
 from mplb import logs
 from mplb.control import HEARTBEAT, READY, ControlWriter
+from mplb.shm.layout import W_STORE_DROPPED
 from mplb.workers import tunnel
 from mplb.workers.handover import HandoverServer
 
@@ -151,7 +152,7 @@ def run_worker(ctx):
         gc.freeze()
         gc.set_threshold(7000, 20, 20)
         if ctx.shared is not None and ctx.config.shared_store is not None:
-            ctx.shared.announce = ctx.control.announce   # before the balancers exist
+            connect_announcements(ctx)               # before the balancers exist
         try:
             from mplb.workers.worker import Worker
             worker = Worker(ctx)
@@ -171,6 +172,18 @@ def run_worker(ctx):
     finally:
         sys.stdout.flush()
         os._exit(code)
+
+
+def connect_announcements(ctx):
+    """Cluster tables announce new entries to the master through the control socket;
+    what a full socket drops is counted in this worker's record."""
+    q, word = ctx.shared.q, ctx.shared.worker_word(ctx.slot, W_STORE_DROPPED)
+
+    def count_drop():
+        q[word] += 1
+
+    ctx.control.count_drop = count_drop
+    ctx.shared.announce = ctx.control.announce
 
 
 # -- process-wide services ------------------------------------------------------------

@@ -94,8 +94,12 @@ H_FAILS, H_LAST_FAIL, H_DOWN, H_CHECK_FAILS, H_CHECK_PASSES, H_LAST_CHECK, H_REM
     range(len(HEALTH_FIELDS))
 HEALTH_WORDS = 8
 
-WORKER_FIELDS = ("pid", "generation", "connections", "requests", "started_us")
-W_PID, W_GENERATION, W_CONNECTIONS, W_REQUESTS, W_STARTED = range(len(WORKER_FIELDS))
+# store_dropped: table entries the worker could not hand to its master (control socket
+# full), counted by the worker itself.
+WORKER_FIELDS = ("pid", "generation", "connections", "requests", "started_us",
+                 "store_dropped")
+W_PID, W_GENERATION, W_CONNECTIONS, W_REQUESTS, W_STARTED, W_STORE_DROPPED = \
+    range(len(WORKER_FIELDS))
 WORKER_WORDS = 8
 
 TABLE_FIELDS = ("name_digest_1", "name_digest_2", "first_entry", "capacity", "ttl_us")

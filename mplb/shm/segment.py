@@ -24,7 +24,7 @@ from mplb.shm.layout import (
     HDR_SERVERS_USED, HDR_SIZE, HDR_SLOTS_USED, HDR_STARTED, HDR_STORE_DROPPED,
     HDR_STORE_INSTANCES, HDR_STORE_STATE, HDR_VERSION, HEALTH_WORDS, MAGIC, NFIELDS,
     REQUESTS, SECTIONS, TUNNELS, URL_ENTRY_BYTES, URL_MAX, VERSION, W_CONNECTIONS,
-    W_GENERATION, W_PID, W_REQUESTS, W_STARTED, WORKER_WORDS, now_us, segment_layout, zeros)
+    W_GENERATION, W_PID, W_REQUESTS, W_STARTED, W_STORE_DROPPED, WORKER_WORDS, now_us, segment_layout, zeros)
 from mplb.shm.space import Reservations
 from mplb.shm.tables import LOCK_HEALTH, STRIPES, StripeLocks
 
@@ -314,6 +314,7 @@ class SharedState(Reservations):
         self.q[w + W_PID] = pid
         self.q[w + W_GENERATION] = generation
         self.q[w + W_CONNECTIONS] = 0
+        self.q[w + W_STORE_DROPPED] = 0
         self.q[w + W_STARTED] = int(time.time() * 1e6)
         if worker_slot + 1 > self.q[HDR_SLOTS_USED]:
             self.q[HDR_SLOTS_USED] = worker_slot + 1
@@ -340,7 +341,8 @@ class SharedState(Reservations):
                             "generation": self.q[w + W_GENERATION],
                             "connections": self.q[w + W_CONNECTIONS],
                             "requests": self.q[w + W_REQUESTS],
-                            "started": self.q[w + W_STARTED] / 1e6})
+                            "started": self.q[w + W_STARTED] / 1e6,
+                            "store_dropped": self.q[w + W_STORE_DROPPED]})
         return out
 
     # -- health: passive failures (striped lock) and active checks (single writer) -----
