@@ -261,3 +261,30 @@ def test_stalled_killed_and_restarted_store_leaves_every_request_served(cluster)
                  message=f"{ip} shared after the restart")
     log = "".join(mplb.output() for mplb in cluster.items if isinstance(mplb, Mplb))
     assert "redis://127.0.0.1" in log and "unreachable" in log and "is back" in log
+
+
+def test_a_reload_joins_changes_and_leaves_the_store(cluster):
+    import signal
+    port = free_port()
+    b1 = cluster.backends[0].url
+
+    def conf(store_line):
+        return (f"{store_line}\nupstream app {{ persistence ip_hash; server {b1}; }}\n"
+                f"server {{ listen 127.0.0.1:{port}; location = /status {{ mplb_status; }}"
+                f" location / {{ proxy_pass app; }} }}\n")
+
+    lb = Mplb(conf(""), workers=1, wait_ports=[port], name="mplb-reload")
+    try:
+        assert Cluster.status(port)["store"] is None
+        steps = [(f"shared_store {cluster.redis.url} prefix=other timeout=500ms;", "ok"),
+                 (f"shared_store redis://127.0.0.1:{free_port()} prefix=other;", "degraded"),
+                 ("", None)]
+        for line, state in steps:
+            lb.rewrite(conf(line))
+            lb.signal(signal.SIGHUP)
+            wait_for(lambda: (Cluster.status(port)["store"] or {}).get("state") == state,
+                     timeout=SLOW, message=f"store {state} after the reload")
+            assert backend_from(port, "127.0.0.1", "/") == "b1"
+        assert "left" in lb.output()
+    finally:
+        lb.stop()
