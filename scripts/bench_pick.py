@@ -93,31 +93,58 @@ def drained_writer():
     return ControlWriter(worker.fileno()), worker
 
 
+STORE_CASES = {"returning": ("weighted_round_robin", "ip_hash", False),
+               "new-client": ("weighted_round_robin", "ip_hash", True),
+               "new-session": ("weighted_round_robin", "cookie", True),
+               "least-connections": ("least_connections", "none", False)}
+
+
+def store_case(shared, servers, case, key):
+    """(balancer, requests) of one --store case, with (key) or without a cluster key."""
+    method, kind, new = STORE_CASES[case]
+    options = {"ttl": 3600, "table_size": 32768}
+    if kind == "cookie":
+        options["learn"] = "JSESSIONID"
+    upstream = Upstream(f"{case}-{bool(key)}", method=method, servers=servers,
+                        persistence=Persistence(kind=kind, **options), cluster_key=key)
+    return (init_upstream(upstream, shared, 0),
+            NewClients() if new else [Request(i) for i in range(1000)])
+
+
 def compare_store(shared, servers, n):
     """us/pick with and without shared_store, for the cases the store changes."""
     writer, keep = drained_writer()
     shared.announce = writer.announce
-    cases = [("ip_hash, returning", "weighted_round_robin", "ip_hash", False),
-             ("ip_hash, new client", "weighted_round_robin", "ip_hash", True),
-             ("learn, new session", "weighted_round_robin", "cookie", True),
-             ("least_connections", "least_connections", "none", False)]
     print(f"{'case':<24}{'local':>10}{'store':>10}{'ratio':>8}   (us/pick)")
-    for label, method, kind, new in cases:
+    for case in STORE_CASES:
         row = []
         for key in (b"", b"k" * 16):
-            options = {"ttl": 3600, "table_size": 32768}
-            if kind == "cookie":
-                options = {"ttl": 3600, "learn": "JSESSIONID", "table_size": 32768}
-            upstream = Upstream(f"{label}-{bool(key)}", method=method, servers=servers,
-                                persistence=Persistence(kind=kind, **options), cluster_key=key)
-            balancer = init_upstream(upstream, shared, 0)
-            requests = NewClients() if new else [Request(i) for i in range(1000)]
+            balancer, requests = store_case(shared, servers, case, key)
             bench(balancer, requests, min(n, 2000))
             row.append(bench(balancer, requests, n))
-        print(f"{label:<24}{row[0]:>10.2f}{row[1]:>10.2f}{row[1] / row[0]:>7.2f}x")
+        print(f"{case:<24}{row[0]:>10.2f}{row[1]:>10.2f}{row[1] / row[0]:>7.2f}x")
     print(f"entries announced: dropped {writer.dropped} (socket full)")
     keep.close()
     os.wait()
+
+
+def count_store_case(shared, servers, spec, n):
+    """--count CASE:local|CASE:store: exactly 500 + n picks and nothing else, for an
+    instruction counter (scripts/bench_pick_instructions); announcements go to a
+    socket big enough to take them all (user-space work only: no reader process)."""
+    import socket
+    case, variant = spec.split(":")
+    master, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    for end, option in ((worker, socket.SO_SNDBUF), (master, socket.SO_RCVBUF)):
+        end.setsockopt(socket.SOL_SOCKET, option, 1 << 22)
+    worker.setblocking(False)
+    writer = ControlWriter(worker.fileno())
+    shared.announce = writer.announce
+    balancer, requests = store_case(shared, servers, case, b"k" * 16 if variant == "store"
+                                    else b"")
+    for i in range(500 + n):
+        balancer.free(balancer.get(requests[i % len(requests)]), False)
+    assert writer.dropped == 0, "the socket filled up: use a smaller -n"
 
 
 def main():
@@ -127,6 +154,8 @@ def main():
     parser.add_argument("--local", action="store_true", help="shared=None (in-process)")
     parser.add_argument("--store", action="store_true",
                         help="compare shared_store upstreams with local ones")
+    parser.add_argument("--count", metavar="CASE:local|CASE:store",
+                        help="run n picks of one --store case, untimed (for valgrind)")
     parser.add_argument("--max-conns", type=int, default=1000,
                         help="max_conns of every server (0: no limit, no counter sums)")
     args = parser.parse_args()
@@ -142,6 +171,9 @@ def main():
         if shared is not None:
             for slot in range(4):
                 shared.worker_started(slot, 1, 1)   # readers sum 4 worker slots
+        if args.count:
+            count_store_case(shared, servers, args.count, args.n)
+            return
         print(f"{args.servers} servers (max_conns={args.max_conns}), {args.n} picks, "
               f"{'in-process state' if shared is None else 'shared memory, 4 worker slots'}")
         if args.store:

@@ -90,6 +90,8 @@ class ShmTable:
         # instance, so a digest can travel between them) and places a digest in a
         # group by this master's own salt, so a client still cannot aim at a group.
         self.group_salt = group_salt
+        self._grouper = (hashlib.blake2b(digest_size=8, key=group_salt)
+                         if group_salt is not None else None)
         self._keyed = hashlib.blake2b(digest_size=16, key=salt or b"")
         self._digests = {}
 
@@ -110,10 +112,11 @@ class ShmTable:
 
     def group_of(self, k1: int, k2: int) -> int:
         """The group a digest lives in."""
-        if self.group_salt is None:
+        if self._grouper is None:
             return k1 % self.groups
-        mixed = hashlib.blake2b(_pack_qq(k1, k2), digest_size=8, key=self.group_salt).digest()
-        return int.from_bytes(mixed, "little") % self.groups
+        h = self._grouper.copy()
+        h.update(_pack_qq(k1, k2))
+        return int.from_bytes(h.digest(), "little") % self.groups
 
     def _group(self, g: int) -> tuple:
         return self.start + g * GROUP * ENTRY_WORDS, LOCK_TABLE + (g + self.seed) % STRIPES
