@@ -27,6 +27,7 @@ from mplb import logs, reservation
 from mplb.control import READ_CHUNK, ControlReader
 from mplb.errors import ConfigError, StartupError
 from mplb.listeners import bind_listens
+from mplb.store import follow_config
 
 log = logging.getLogger("mplb.master")
 
@@ -158,18 +159,8 @@ class Master:
 
     def apply_store(self, config):
         """Join, keep, change or leave the shared store as ``config`` says."""
-        wanted = config.shared_store
-        if self.store is not None and wanted is not None and wanted.same_server(self.store.store):
-            self.store.update_config(config)
-            return
-        if self.store is not None:
-            self.store.stop()
-            log.info("shared store %s left", self.store.store.redacted)
-            self.store = None
-        if wanted is not None:
-            from mplb.store.sync import StoreSync
-            self.store = StoreSync(config, self.shared, self.health, self.shm_lock)
-            self.store.start()
+        self.store = follow_config(self.store, config, self.shared, self.health,
+                                   self.shm_lock)
 
     def _write_pid(self):
         if self.pid_file:

@@ -27,6 +27,23 @@ def needs_redis():
                                      "(scripts/install-system-deps installs it as root)")
 
 
+def resp_end(buf: bytes, pos: int):
+    """Where the RESP value starting at ``pos`` ends, or None if it is not all there."""
+    line_end = buf.find(b"\r\n", pos)
+    if line_end < 0:
+        return None
+    kind, head = buf[pos:pos + 1], buf[pos + 1:line_end]
+    pos = line_end + 2
+    if kind == b"$" and int(head) >= 0:
+        return pos + int(head) + 2 if len(buf) >= pos + int(head) + 2 else None
+    if kind == b"*":
+        for _ in range(max(0, int(head))):
+            pos = resp_end(buf, pos)
+            if pos is None:
+                return None
+    return pos
+
+
 class RedisServer:
     """One redis-server process on 127.0.0.1:``port``."""
 
@@ -58,15 +75,21 @@ class RedisServer:
         return self.command(b"PING") == b"+PONG\r\n"
 
     def command(self, *args: bytes, timeout=1.0) -> bytes:
-        """One RESP command; the raw reply (first read only: small replies)."""
+        """One RESP command; its whole raw reply (b"" when the server does not answer)."""
         request = b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a)
                                                      for a in args)
+        reply = b""
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
                 sock.sendall(request)
-                return sock.recv(65536)
+                while resp_end(reply, 0) is None:
+                    data = sock.recv(65536)
+                    if not data:
+                        break
+                    reply += data
         except OSError:
             return b""
+        return reply
 
     def stall(self):
         os.kill(self.process.pid, signal.SIGSTOP)

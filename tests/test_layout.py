@@ -84,7 +84,8 @@ def test_the_master_without_a_store_never_loads_redis(tmp_path):
                     "server { listen 127.0.0.1:1; location / { proxy_pass a; } }\n")
     loaded = loaded_after("import mplb.cli, mplb.master, mplb.workerboot, mplb.health\n"
                           f"from mplb.config import load; load({str(conf)!r})")
-    assert not {m for m in loaded if m.split(".")[0] == "redis" or m.startswith("mplb.store")}
+    assert not {m for m in loaded if m.split(".")[0] == "redis"
+                or m.startswith("mplb.store.")}
 
 
 def test_vocabulary_imports_nothing_of_mplb():

@@ -139,6 +139,8 @@ def test_three_instances_agree_on_ip_hash_clients(cluster):
     for port in reversed(cluster.ports):          # then every instance, in another order
         for ip in reversed(clients):
             assert backend_from(port, ip) == first[ip], (port, ip)
+    keys = cluster.redis.command(b"KEYS", b"t:e:*")
+    assert keys.count(b"t:e:") >= len(clients) and b"127.0." not in keys   # digests only
 
 
 def test_instances_picking_at_once_converge_on_one_winner(cluster):
