@@ -21,6 +21,9 @@ setup(
         "crossplane>=0.5.8",
         "psutil>=5.9",
         "setproctitle>=1.3",
+        # shared_store: the master's store threads (imported only when configured)
+        "redis>=5.0",
+        "hiredis>=2.0; platform_python_implementation == 'CPython'",
     ],
     extras_require={
         "test": [

@@ -30,7 +30,7 @@ from typing import Callable, Optional
 
 from mplb.methods import method_for
 from mplb.persistence import persistence_for
-from mplb.shm.layout import H_DOWN, H_FAILS, H_LAST_FAIL, HDR_SLOTS_USED, NFIELDS
+from mplb.shm.layout import H_DOWN, H_FAILS, H_LAST_FAIL, H_REMOTE, HDR_SLOTS_USED, NFIELDS
 from mplb.vocabulary import method_name
 
 EMPTY = frozenset()
@@ -100,6 +100,10 @@ class Balancer:
         single = len(servers) == 1
         self._max_fails = tuple(0 if single else s.max_fails for s in servers)
         self._timeout_us = tuple(int(s.fail_timeout * 1_000_000) for s in servers)
+        # With a shared_store: where the store thread writes the active connections the
+        # other instances hold on each server (0: no such word, this instance alone).
+        self.remote_words = tuple(h + H_REMOTE if self.upstream.shared else 0
+                                  for h in health)
         # What a method checks per server, in one tuple: index and its words.
         self.words = tuple((i, self._hdown[i], self._hfails[i], self._max_conns[i])
                            for i in range(len(servers)))

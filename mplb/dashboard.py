@@ -124,6 +124,23 @@ def _workers_table(data) -> str:
             "</tbody></table>")
 
 
+def store_text(store) -> str:
+    """The header's store summary: state and instance count (never a password)."""
+    if not store:
+        return ""
+    count = store.get("instances") or 0
+    return f"{store.get('state')} · {count} instance{'' if count == 1 else 's'}"
+
+
+def _store_header(data) -> str:
+    store = data.get("store")
+    if not store:
+        return ""
+    return (f"<span class='kv' id='storekv' title='{_e(store.get('url'))}'>store "
+            f"<b id='store' class='store-{_e(store.get('state'))}'>{_e(store_text(store))}"
+            "</b></span>")
+
+
 def _fill(entries, capacity) -> str:
     return f"{100.0 * entries / capacity:.1f}%" if capacity else "-"
 
@@ -185,6 +202,7 @@ tr:last-child td{border-bottom:none}
 .state-backup{color:var(--backup);background:var(--backupbg)}
 .state-unknown,.retiring{color:var(--unknown);background:var(--unknownbg)}
 .bad{color:var(--down);font-weight:600}.flags{color:var(--muted);font-size:12px}
+.store-degraded{color:var(--down)}
 #error{display:none;background:var(--downbg);color:var(--down);padding:8px 20px}
 #error.show{display:block}
 .grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(420px,1fr));gap:16px}
@@ -267,6 +285,12 @@ function render(data, dt){
   $("generation").textContent = dash(data.generation);
   $("reloads").textContent = dash(data.reloads);
   $("nworkers").textContent = (data.workers || []).length;
+  var st = $("store");
+  if (st && data.store) {
+    var n = data.store.instances || 0;
+    st.textContent = data.store.state + " \u00b7 " + n + " instance" + (n === 1 ? "" : "s");
+    st.className = "store-" + String(data.store.state).replace(/[^a-z]/g, "");
+  }
   var box = $("upstreams"), frag = document.createDocumentFragment();
   Object.keys(data.upstreams || {}).forEach(function(name){
     var info = data.upstreams[name], servers = info.servers || [];
@@ -368,6 +392,7 @@ def render_html(data) -> str:
         f"<span class='kv'>generation <b id='generation'>{_e(data.get('generation'))}</b></span>"
         f"<span class='kv'>reloads <b id='reloads'>{_e(data.get('reloads'))}</b></span>"
         f"<span class='kv'>workers <b id='nworkers'>{len(data.get('workers', []))}</b></span>"
+        f"{_store_header(data)}"
         "<span id='live'><span class='dot'></span><span id='livetext'>snapshot</span>"
         "<button id='pause' type='button'>Pause</button></span></header>"
         "<div id='error' role='alert'></div><main>"

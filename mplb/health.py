@@ -5,6 +5,11 @@ scheduler thread wakes when a check is due and runs the due checks on a small th
 Results go to shared memory (single writer: only this module sets the 'down' flag and the
 consecutive pass/fail counts), where every worker's eligibility filter reads them.
 State is per server URL; if two upstreams check the same URL, the first (by name) wins.
+
+With a shared_store, other instances' checks count too: the store thread hands over the
+URLs some other live instance's checks hold down (``set_remote_down``) and a server is
+down while either this instance's checks or another's say so.  The flag is still
+written here alone, under one lock, from whichever thread learnt something new.
 """
 from __future__ import annotations
 
@@ -72,6 +77,8 @@ class HealthChecker:
         self.check = check
         self.clock = clock
         self.targets = {}
+        self.sids = {}                 # url -> sid of every configured server
+        self.remote_down = frozenset()  # URLs another instance's checks hold down
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = False
@@ -96,12 +103,49 @@ class HealthChecker:
                 if old is not None:
                     target.fails, target.passes, target.due = old.fails, old.passes, old.due
                 targets[server.url] = target
+        sids = {server.url: self.shared.server_id(server.url)
+                for upstream in config.upstreams.values() for server in upstream.servers}
         with self._lock:
-            for url, old in self.targets.items():
-                if url not in targets:            # no longer checked: not held down by us
-                    self.shared.set_health(old.sid, True)
+            dropped = [url for url in self.targets if url not in targets]
             self.targets = targets
+            for url in dropped:                   # no longer checked: not held down by us
+                self._write_flag(url, self.targets_sid(url, sids))
+            self.sids = sids
         self._wake.set()
+
+    def targets_sid(self, url, sids):
+        old = self.sids.get(url)
+        return old if old is not None else sids.get(url)
+
+    def _write_flag(self, url, sid, local_up=None) -> None:
+        """The one rule (lock held): down while our checks or another instance's say so."""
+        if sid is None:
+            return
+        if local_up is None:
+            target = self.targets.get(url)
+            local_up = target is None or target.up
+        self.shared.set_health(sid, local_up and url not in self.remote_down)
+
+    def local_down(self) -> list:
+        """URLs this instance's own checks hold down (published to the other instances)."""
+        with self._lock:
+            return [url for url, target in self.targets.items() if not target.up]
+
+    def set_remote_down(self, urls: frozenset) -> None:
+        """The store thread: URLs some other live instance's checks hold down now."""
+        with self._lock:
+            changed, self.remote_down = self.remote_down ^ urls, urls
+            for url in changed:
+                sid = self.sids.get(url)
+                if sid is None:
+                    continue
+                if url in urls:
+                    log.warning("server %s is down (another instance's health check)",
+                                url.split("://", 1)[-1])
+                else:
+                    log.warning("server %s is no longer held down by another instance",
+                                url.split("://", 1)[-1])
+                self._write_flag(url, sid)
 
     def start(self) -> None:
         if self._thread is not None:
@@ -160,4 +204,5 @@ class HealthChecker:
                 log.warning("upstream %s server %s is down (health check: %s)",
                             target.upstream, target.server.hostport, reason)
         self.shared.set_health_record(target.sid, target.fails, target.passes, now)
-        self.shared.set_health(target.sid, target.up)
+        with self._lock:
+            self._write_flag(target.server.url, target.sid, target.up)

@@ -20,12 +20,15 @@ import logging
 import os
 import selectors
 import signal
+import threading
 import time
 
 from mplb import logs, reservation
+from mplb.control import READ_CHUNK, ControlReader
 from mplb.errors import ConfigError, StartupError
 from mplb.listeners import bind_listens
 from mplb.logfiles import AccessLogFiles, reopen_logs
+from mplb.store import follow_config
 
 log = logging.getLogger("mplb.master")
 
@@ -57,6 +60,7 @@ class WorkerProcess:
         self.number = number
         self.generation = generation
         self.control = control          # master end of the control socketpair
+        self.reader = ControlReader()   # its frames (mplb.control)
         self.last_heartbeat = time.monotonic()
         self.retiring = False
         self.ready = False              # it reported b"r": accepting and able to adopt
@@ -104,6 +108,9 @@ class Master:
         self.stopping = None            # None, 'fast' or 'graceful'
         self.shared = None
         self.health = None
+        self.store = None               # mplb.store.sync.StoreSync with a shared_store
+        # The store threads write the segment too: reserving and reclaiming wait for them.
+        self.shm_lock = threading.Lock()
         self.selector = None
         self.wakeup_read = None
         self.boot_failed = False
@@ -127,6 +134,7 @@ class Master:
         self._write_pid()
         self._install_signals()
         self._start_health()
+        self.apply_store(self.config)
         for _ in range(self.worker_count):
             self.spawn_worker()
         log.info("mplb started: %d worker(s), listening on %s", self.worker_count,
@@ -156,6 +164,11 @@ class Master:
         from mplb.health import HealthChecker
         self.health = HealthChecker(self.config, self.shared)
         self.health.start()
+
+    def apply_store(self, config):
+        """Join, keep, change or leave the shared store as ``config`` says."""
+        self.store = follow_config(self.store, config, self.shared, self.health,
+                                   self.shm_lock)
 
     def _write_pid(self):
         if self.pid_file:
@@ -257,7 +270,8 @@ class Master:
             if generation not in running:
                 del self.configs[generation]
         self.access_logs.keep(config.access_log for config in self.configs.values())
-        freed = reservation.reclaim(self.shared, self.configs.values())
+        with self.shm_lock:
+            freed = reservation.reclaim(self.shared, self.configs.values())
         if any(freed.values()):
             log.debug("shared memory reclaimed: %d server(s), %d table(s), %d upstream(s)",
                       freed["servers"], freed["tables"], freed["upstreams"])
@@ -273,20 +287,28 @@ class Master:
                     pass
                 continue
             try:
-                data = worker.control.recv(4096)
+                data = worker.control.recv(READ_CHUNK)
             except (BlockingIOError, InterruptedError):
                 continue
             except OSError:
                 data = b""
             if data:
                 worker.last_heartbeat = time.monotonic()
-                if b"r" in data:
-                    worker.ready = True
+                self._take_frames(worker, data)
             else:
                 try:
                     self.selector.unregister(worker.control)
                 except (KeyError, ValueError):
                     pass
+
+    def _take_frames(self, worker, data):
+        ready, entries, bad = worker.reader.feed(data)
+        if ready:
+            worker.ready = True
+        if entries and self.store is not None:
+            self.store.offer(entries)
+        if bad:
+            log.warning("worker process %d sent an unknown control frame", worker.pid)
 
     def kill_silent_workers(self):
         now = time.monotonic()
@@ -402,7 +424,8 @@ class Master:
         try:
             config = load(self.config_path)
             logs.warn_config(config)
-            reservation.reserve(config, self.shared)
+            with self.shm_lock:
+                reservation.reserve(config, self.shared)
             self.access_logs.open(config.access_log)
             sockets = bind_listens(config, self.sockets)
         except (ConfigError, StartupError) as exc:
@@ -418,6 +441,7 @@ class Master:
         self.configs[new.generation] = config
         if self.health is not None:
             self.health.update_config(config)
+        self.apply_store(config)
         for _ in range(self.worker_count):
             if self.spawn_worker() is None:
                 log.error("reload failed: no free worker slot for the new generation")
@@ -471,6 +495,7 @@ class Master:
                                                       previous.sockets)
         if self.health is not None:
             self.health.update_config(previous.config)
+        self.apply_store(previous.config)
         log.error("reload rolled back: generation %d keeps serving", previous.generation)
         self.reclaim_shared()
 
@@ -494,6 +519,9 @@ class Master:
     def cleanup(self):
         for worker in list(self.workers.values()):
             self._signal(worker.pid, signal.SIGKILL)
+        if self.store is not None:
+            self.store.stop()
+            self.store = None
         if self.health is not None:
             self.health.stop()
         if self.shared is not None:

@@ -89,13 +89,14 @@ class RoundRobin(Rotation):
 
 class LeastConnections:
     """Fewest active connections (all workers) per unit of weight; ties are broken in
-    turn from the shared position."""
+    turn from the shared position.  With a shared_store the connections the other
+    instances hold count too (one more word per server; max_conns stays per instance)."""
 
     def __init__(self, balancer, tier):
         self.b = balancer
         self.q = balancer.q
         self.position = balancer.position
-        self.entries = tuple(balancer.words[i] for i in tier)
+        self.entries = tuple(balancer.words[i] + (balancer.remote_words[i],) for i in tier)
         self.weights = tuple(balancer.servers[i].weight for i in range(len(balancer.servers)))
         self.count = len(balancer.servers)
 
@@ -106,7 +107,7 @@ class LeastConnections:
         cursor = q[self.position] % n
         best = -1
         best_active = best_weight = best_turn = 0
-        for i, hdown, hfails, max_conns in self.entries:
+        for i, hdown, hfails, max_conns, remote in self.entries:
             if (tried and i in tried) or q[hdown]:
                 continue
             if q[hfails] and b.failed(i, now):
@@ -114,6 +115,8 @@ class LeastConnections:
             active = sums[i](q)
             if max_conns and active >= max_conns:
                 continue
+            if remote:
+                active += q[remote]
             weight = weights[i]
             turn = (i - cursor) % n                # tie: first at or after the cursor
             if best < 0:

@@ -52,11 +52,27 @@ def table_spec(upstream):
     """
     p = upstream.persistence
     ttl = _ttl(p)
+    # A cluster table digests keys with the cluster's key: another table than the one
+    # this instance keeps alone (a reload that adds or changes shared_store starts it).
+    keyed = f":c{upstream.cluster_key[:4].hex()}" if upstream.shared else ""
     if p.kind == "ip_hash":
-        return f"{upstream.name}:ip_hash:{p.table_size}", p.table_size, ttl
+        return f"{upstream.name}:ip_hash:{p.table_size}{keyed}", p.table_size, ttl
     if p.kind == "cookie" and p.learn:
-        return f"{upstream.name}:learn:{p.learn}:{p.table_size}", p.table_size, ttl
+        return f"{upstream.name}:learn:{p.learn}:{p.table_size}{keyed}", p.table_size, ttl
     return None
+
+
+def store_tag(upstream):
+    """The name of ``upstream``'s table in a shared store (12 hex digits), or None.
+
+    The same on every instance with the same upstream, persistence mode and learned
+    cookie (not the size: instances may size their local tables differently).
+    """
+    p = upstream.persistence
+    if not upstream.shared or table_spec(upstream) is None:
+        return None
+    identity = f"{upstream.name}\0{p.kind}\0{p.learn or ''}".encode()
+    return hashlib.blake2b(identity, digest_size=6, person=b"mplb-table").hexdigest()
 
 
 def table_entries_for(upstreams) -> int:
@@ -90,6 +106,15 @@ class _Wrapper:
         self.b = balancer
         self.cfg = cfg
         self.ttl = _ttl(cfg)
+        # Cluster tables tell the master of every entry they make (mplb.control).
+        self.announce = balancer.state.announce if balancer.upstream.shared else None
+
+    def remember(self, table, key: bytes, sid: int, now, first: bool):
+        """``table.put`` and, for a new entry of a cluster table, the announcement."""
+        existing = table.put(key, sid, now, replace=not first)
+        if existing is None and self.announce is not None:
+            self.announce(table, key, sid, first)
+        return existing
 
     def lookup(self, request, now):
         """Known server index (-1 for a known server no longer configured) or None."""
@@ -129,7 +154,8 @@ class IpHash(_Wrapper):
 
     def __init__(self, balancer, cfg):
         super().__init__(balancer, cfg)
-        self.table = balancer.state.table(*table_spec(balancer.upstream))
+        self.table = balancer.state.table(*table_spec(balancer.upstream),
+                                          balancer.upstream.cluster_key)
 
     @staticmethod
     def key(request) -> bytes:
@@ -143,7 +169,7 @@ class IpHash(_Wrapper):
         return self.b.index_of_sid.get(sid, -1)
 
     def record(self, request, sid, now, first):
-        return self.table.put(self.key(request), sid, now, replace=not first)
+        return self.remember(self.table, self.key(request), sid, now, first)
 
 
 class InsertCookie(_Wrapper):
@@ -202,7 +228,8 @@ class LearnCookie(_Wrapper):
         super().__init__(balancer, cfg)
         self.name = cfg.learn
         self.lname = cfg.learn.lower()
-        self.table = balancer.state.table(*table_spec(balancer.upstream))
+        self.table = balancer.state.table(*table_spec(balancer.upstream),
+                                          balancer.upstream.cluster_key)
 
     def session(self, request):
         header = request.header("cookie") if request is not None else None
@@ -221,7 +248,7 @@ class LearnCookie(_Wrapper):
     def record(self, request, sid, now, first):
         session = self.session(request)
         if session is not None:                  # keep an unknown/moved session together
-            return self.table.put(session, sid, now, replace=not first)
+            return self.remember(self.table, session, sid, now, first)
         return None
 
     def response_headers(self, index, label, request, response_headers) -> list:
@@ -233,9 +260,17 @@ class LearnCookie(_Wrapper):
             key, sep, session = first.partition("=")
             session = session.strip().strip('"')
             if sep and key.strip() == self.name and 0 < len(session) <= MAX_SESSION_ID:
-                self.table.put(session.encode("latin-1", "replace"), self.b.sids[index],
-                               self.b.clock())
+                self.learn(session.encode("latin-1", "replace"), self.b.sids[index])
         return []
+
+
+    def learn(self, session: bytes, sid: int) -> None:
+        """The backend gave ``session`` to server ``sid``: it replaces any record (and
+        a cluster hears of it only when it is news, not on every response)."""
+        now = self.b.clock()
+        if self.announce is not None and self.table.get(session, now) == sid:
+            return
+        self.remember(self.table, session, sid, now, False)
 
 
 class ConsistentHash(_Wrapper):

@@ -37,7 +37,7 @@ def reserve(config, shared) -> None:
                 shared.server_id(server.url)
             spec = table_spec(upstream)
             if spec is not None:
-                shared.table(*spec)
+                shared.table(*spec, upstream.cluster_key)
             shared.upstream_word(upstream.name)
     except MplbError as exc:
         raise StartupError(str(exc))

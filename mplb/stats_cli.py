@@ -25,7 +25,7 @@ import time
 
 import psutil
 
-from mplb.dashboard import human_bytes, human_duration
+from mplb.dashboard import human_bytes, human_duration, store_text
 from mplb.shm import MASTER_TITLE, SharedState, segment_owner, segment_path
 
 WORKER_TITLE = "mplb: worker process"
@@ -319,6 +319,7 @@ class Stats:
             "processes": rows,
             "servers": [],
             "persistence": {},
+            "store": data.get("store") if data else None,
             "warnings": warnings,
         }
         if data is not None:
@@ -356,7 +357,12 @@ def format_text(doc) -> str:
            + (f"  conf {m['conf']}" if m.get("conf") else "")
            + f"  generation {_cell(m['generation'])}  reloads {_cell(m['reloads'])}"
            + f"  uptime {human_duration(m['uptime_s'])}"
-           + time.strftime("  at %H:%M:%S", time.localtime(doc["time"])), ""]
+           + time.strftime("  at %H:%M:%S", time.localtime(doc["time"]))]
+    store = doc.get("store")
+    if store:
+        out.append(f"store {store.get('url') or '(see -conf)'}  {store_text(store)}"
+                   + (f"  dropped {store['dropped']}" if store.get("dropped") else ""))
+    out.append("")
     rows = [[str(p["pid"]), p["role"], _cell(p["generation"]),
              _cell(p["cpu_percent"], lambda v: f"{v:.1f}"), _cell(p["rss"], human_bytes),
              _cell(p["connections"]), _cell(p["listening"]), human_duration(p["uptime_s"]),

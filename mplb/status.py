@@ -15,6 +15,8 @@ import logging
 import time
 from urllib.parse import parse_qs
 
+from mplb.shm.layout import STORE_DEGRADED, STORE_NONE, STORE_OK
+
 log = logging.getLogger("mplb.status")
 
 SERVER_FIELDS = ("active", "tunnels", "requests", "failures", "bytes_in", "bytes_out")
@@ -53,11 +55,13 @@ def collect(shared, config, now_wall: float = None) -> dict:
         ],
         "upstreams": {},
         "shared_memory": shared.usage(),
+        "store": store_entry(shared, config),
     }
     tables = persistence_tables(shared, now)
     if config is None:
         data["servers"] = [server_entry(shared, url, None, now) for url in shared.server_urls()]
         data["persistence_tables"] = tables
+        add_remote_active(data["servers"], shared, data["store"])
         return data
     for name, upstream in config.upstreams.items():
         entries, capacity = table_usage(tables, upstream)
@@ -70,7 +74,39 @@ def collect(shared, config, now_wall: float = None) -> dict:
             "servers": [server_entry(shared, server.url, server, now)
                         for server in upstream.servers],
         }
+        add_remote_active(data["upstreams"][name]["servers"], shared, data["store"])
     return data
+
+
+STORE_STATES = {STORE_OK: "ok", STORE_DEGRADED: "degraded"}
+
+
+def store_entry(shared, config):
+    """``{"url", "state", "instances", "dropped"}`` of the shared store, or None.
+
+    The master's store thread writes the state and the instance count into the
+    segment's header; the URL comes from the configuration, password left out.
+    """
+    if config is not None and config.shared_store is None:
+        return None
+    state = shared.store_state
+    if config is None and state == STORE_NONE:
+        return None
+    dropped = shared.store_dropped + sum(w["store_dropped"] for w in shared.workers())
+    return {"url": config.shared_store.redacted if config is not None else None,
+            "state": STORE_STATES.get(state, "degraded"),
+            "instances": shared.store_instances, "dropped": dropped}
+
+
+def add_remote_active(servers, shared, store) -> None:
+    """With a store: each server's ``remote_active``, what the other instances hold."""
+    if store is None:
+        return
+    for entry in servers:
+        try:
+            entry["remote_active"] = shared.remote_active(shared.server_id(entry["url"]))
+        except KeyError:
+            entry["remote_active"] = 0
 
 
 _TABLES_CACHE = {}          # id(shared) -> (monotonic time, tables); see persistence_tables
@@ -167,6 +203,8 @@ SERVER_METRICS = (
      "Bytes received from the server."),
     ("bytes_out", "mplb_server_sent_bytes_total", "counter", "Bytes sent to the server."),
     ("weight", "mplb_server_weight", "gauge", "Configured weight of the server."),
+    ("remote_active", "mplb_server_remote_active_connections", "gauge",
+     "Active connections the other instances sharing the store hold on the server."),
 )
 STATES = ("up", "down", "failed", "backup")
 
@@ -214,6 +252,16 @@ def to_prometheus(data) -> str:
            [(dict(upstream=name, persistence=info["persistence"]),
              info.get("persistence_capacity", 0))
             for name, info in data["upstreams"].items()])
+    store = data.get("store")
+    if store is not None:
+        family("mplb_store_up", "gauge", "Whether the shared store answers (1) or not (0).",
+               [({}, 1 if store["state"] == "ok" else 0)])
+        family("mplb_store_instances", "gauge",
+               "mplb instances sharing the store, this one included.",
+               [({}, store["instances"])])
+        family("mplb_store_dropped_total", "counter",
+               "Table entries not handed to the store (a queue was full).",
+               [({}, store["dropped"])])
     return "\n".join(out) + "\n"
 
 

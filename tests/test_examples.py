@@ -603,3 +603,23 @@ def test_docker_compose_config():
     assert res.returncode == 0, res.stderr
     for name in ("backend1", "backend2", "backend3", "loadbalancer", "client"):
         assert name in res.stdout
+
+
+def test_cluster_compose_and_its_configuration_agree(tmp_path):
+    """examples/docker-compose-cluster.yml: redis, three backends, two instances of
+    examples/docker-cluster.conf, which names those services and passes -t."""
+    compose = (EXAMPLES / "docker-compose-cluster.yml").read_text()
+    conf = (EXAMPLES / "docker-cluster.conf").read_text()
+    for name in ("redis", "backend1", "backend2", "backend3", "lb1", "lb2"):
+        assert f"\n  {name}:" in compose
+    for name in ("backend1", "backend2", "backend3"):
+        assert f'"--name", "{name}"' in compose and f"server http://{name}:8001;" in conf
+    assert compose.count('"8080:8080"') == 1 and '"8081:8080"' in compose
+    assert "examples/docker-cluster.conf" in compose and '"--save", ""' in compose
+    assert "shared_store redis://redis:6379/0" in conf and "least_connections" in conf
+    local = tmp_path / "cluster.conf"
+    local.write_text(re.sub(r"backend(\d):8001", r"127.0.0.1:800\1", conf)
+                     .replace("listen 8080", f"listen {free_ports(1)[0]}"))
+    res = subprocess.run([need_mplb(), "-t", "-conf", str(local)], capture_output=True,
+                         text=True, timeout=30, cwd=ROOT)
+    assert res.returncode == 0, res.stdout + res.stderr

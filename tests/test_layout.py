@@ -13,7 +13,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MASTER_SIDE = ("mplb.cli", "mplb.master", "mplb.listeners", "mplb.workerboot",
-               "mplb.health", "mplb.reservation", "mplb.logs", "mplb.errors")
+               "mplb.health", "mplb.reservation", "mplb.logs", "mplb.errors",
+               "mplb.control", "mplb.store.sync", "mplb.store.client", "mplb.store.codec",
+               "mplb.store.plan")
 
 
 def module_files(package_dir):
@@ -74,6 +76,16 @@ def test_shared_layout_imports_nothing_above_it(path):
            if not name.startswith("mplb.shm") and name not in allowed
            and not name.startswith("mplb.errors.")}
     assert not bad, f"{os.path.relpath(path, ROOT)} imports {sorted(bad)}"
+
+
+def test_the_master_without_a_store_never_loads_redis(tmp_path):
+    conf = tmp_path / "t.conf"
+    conf.write_text("upstream a { server 127.0.0.1:1; }\n"
+                    "server { listen 127.0.0.1:1; location / { proxy_pass a; } }\n")
+    loaded = loaded_after("import mplb.cli, mplb.master, mplb.workerboot, mplb.health\n"
+                          f"from mplb.config import load; load({str(conf)!r})")
+    assert not {m for m in loaded if m.split(".")[0] == "redis"
+                or m.startswith("mplb.store.")}
 
 
 def test_vocabulary_imports_nothing_of_mplb():

@@ -24,7 +24,9 @@ import gevent
 from gevent import socket as gsocket
 
 from mplb import logfiles, logs
+from mplb.control import HEARTBEAT, READY, ControlWriter
 from mplb.privileges import drop_privileges
+from mplb.shm.layout import W_STORE_DROPPED
 from mplb.workers import tunnel
 from mplb.workers.handover import HandoverServer, successor_pids
 
@@ -44,6 +46,7 @@ class WorkerContext:
         self.config = config
         self.listen_sockets = listen_sockets      # {listen key: (socket, Listen)}
         self.control_fd = control_fd
+        self.control = ControlWriter(control_fd)  # every frame to the master goes here
         self.shared = shared
         self.slot = slot
         self.number = number
@@ -81,25 +84,29 @@ class Lifecycle:
 
     def run(self):
         """Report ready and serve until stopped."""
-        try:
-            os.write(self.ctx.control_fd, b"r")      # ready: the master may retire the old
-        except OSError:
-            self.fast_stop()
+        self.ready_sent = False
+        self.send_ready()                           # the master may retire the old now
         gevent.spawn(self.control_loop)
         gevent.spawn(self.heartbeat_loop).join()
 
+    def send_ready(self):
+        try:
+            self.ready_sent = self.ctx.control.send(READY)
+        except OSError:
+            self.fast_stop()
+
     def heartbeat_loop(self):
         """Prove to the master that the event loop runs; leave if the master is gone."""
-        fd = self.ctx.control_fd
+        control = self.ctx.control
         acceptor = self.worker.acceptor
         while True:
             if os.getppid() != self.ctx.master_pid:
                 log.error("master process is gone, worker exiting")
                 self.fast_stop()
+            if not self.ready_sent:
+                self.send_ready()
             try:
-                os.write(fd, b"h")
-            except BlockingIOError:
-                pass
+                control.send(HEARTBEAT)
             except OSError:
                 self.fast_stop()
             self.worker.accounting.access_log.flush()   # a quiet worker writes its lines
@@ -194,6 +201,8 @@ def run_worker(ctx):
         # every collection, and collect the young generation less often.
         gc.freeze()
         gc.set_threshold(7000, 20, 20)
+        if ctx.shared is not None and ctx.config.shared_store is not None:
+            connect_announcements(ctx)               # before the balancers exist
         try:
             from mplb.workers.worker import Worker
             worker = Worker(ctx)
@@ -216,6 +225,18 @@ def run_worker(ctx):
     finally:
         sys.stdout.flush()
         os._exit(code)
+
+
+def connect_announcements(ctx):
+    """Cluster tables announce new entries to the master through the control socket;
+    what a full socket drops is counted in this worker's record."""
+    q, word = ctx.shared.q, ctx.shared.worker_word(ctx.slot, W_STORE_DROPPED)
+
+    def count_drop():
+        q[word] += 1
+
+    ctx.control.count_drop = count_drop
+    ctx.shared.announce = ctx.control.announce
 
 
 # -- process-wide services ------------------------------------------------------------

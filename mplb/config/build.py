@@ -7,6 +7,7 @@ what spans blocks (duplicate listens, ssl certificates).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import ssl
@@ -152,6 +153,10 @@ def build_config(path: str) -> Config:
     check_listens(servers)
     upstreams.update(implicit)
     values = main.values
+    store = values.get("shared_store")
+    if store is not None:
+        upstreams = {name: dataclasses.replace(upstream, cluster_key=store.key)
+                     for name, upstream in upstreams.items()}
     log_path, log_level = values.get("error_log", (None, "info"))
     user, warnings = build_user(values.get("user"), path)
     return Config(
@@ -164,6 +169,7 @@ def build_config(path: str) -> Config:
         access_log=values.get("access_log"),
         user=user,
         warnings=warnings,
+        shared_store=store,
         upstreams=MappingProxyType(upstreams),
         servers=servers,
     )

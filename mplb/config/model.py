@@ -106,8 +106,14 @@ class Upstream:
     keepalive: int = 32
     health_check: Optional[HealthCheck] = None
     implicit: bool = False                  # made from 'proxy_pass http://host:port'
+    cluster_key: bytes = b""                # shared_store's key; empty: this instance alone
     file: str = ""
     line: int = 0
+
+    @property
+    def shared(self) -> bool:
+        """Whether several instances share this upstream's tables, counts and health."""
+        return bool(self.cluster_key)
 
 
 @dataclass(frozen=True)
@@ -211,6 +217,39 @@ class WorkerUser:
 
 
 @dataclass(frozen=True)
+class SharedStore:
+    """``shared_store``: the Redis (or compatible) server several instances share."""
+
+    host: str
+    port: int = 6379
+    db: int = 0
+    tls: bool = False                       # rediss://
+    username: Optional[str] = None
+    password: Optional[str] = field(default=None, repr=False)
+    prefix: str = "mplb"
+    timeout: float = 0.005                  # seconds, per call
+    key: bytes = field(default=b"", repr=False)   # the cluster key (mplb.config.store)
+    file: str = ""
+    line: int = 0
+
+    @property
+    def redacted(self) -> str:
+        """The URL as logs and the status page show it: never the password."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        user = f"{self.username}:***@" if self.username else (
+            ":***@" if self.password is not None else "")
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{user}{host}:{self.port}/{self.db}"
+
+    def same_server(self, other) -> bool:
+        """Whether ``other`` names the same store the same way (a reload keeps the link)."""
+        return other is not None and (self.host, self.port, self.db, self.tls, self.username,
+                                      self.password, self.prefix, self.timeout) == (
+            other.host, other.port, other.db, other.tls, other.username, other.password,
+            other.prefix, other.timeout)
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     worker_processes: int
@@ -221,6 +260,7 @@ class Config:
     access_log: Optional[str] = None        # None = off
     user: Optional[WorkerUser] = None       # None: workers keep the master's user
     warnings: tuple = ()                    # "FILE:LINE: message", logged at start and reload
+    shared_store: Optional[SharedStore] = None
     upstreams: Mapping[str, Upstream] = field(default_factory=dict)
     servers: tuple = ()                     # tuple[VirtualServer, ...]
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from mplb.config import handlers as h
+from mplb.config.store import set_shared_store
 from mplb.vocabulary import DEFAULT_METHOD, METHOD_ALIASES, METHODS, persistence_syntax
 
 MAIN, EVENTS, UPSTREAM, SERVER, LOCATION = "main", "events", "upstream", "server", "location"
@@ -101,6 +102,15 @@ DIRECTIVES = (
     _d("access_log", (MAIN,), (1, 1), "file | off;", "off",
        "Writes one line per request or tunnel: combined log format plus upstream address "
        "and request time.", "access_log /var/log/mplb/access.log;", h.set_access_log),
+    _d("shared_store", (MAIN,), (1, 3),
+       "redis://[[user]:password@]host[:port][/db] [prefix=name] [timeout=time];", "—",
+       "Shares ip_hash and cookie learn= tables, least_connections counts and active "
+       "health results with every mplb instance that names the same Redis (or "
+       "compatible) server and prefix (default mplb); rediss:// connects with TLS.  The "
+       "master alone talks to the store, each call bounded by timeout (default 5ms); "
+       "workers never wait on it, and while it is unreachable every instance serves "
+       "with its own state.",
+       "shared_store redis://10.0.0.5:6379/0 prefix=shop timeout=20ms;", set_shared_store),
     # --- upstream ---
     _d("method", (UPSTREAM,), (1, 1),
        " | ".join(METHODS + tuple(METHOD_ALIASES)) + ";", DEFAULT_METHOD,

@@ -5,7 +5,8 @@ mplb.shm.segment reads and writes it; mplb-stats maps it read-only.
 
 Layout (little-endian; every field an 8-byte int64 "word"; names from the tables below)::
 
-    header    512 bytes: HEADER_FIELDS, one word each, then SECTIONS' byte offsets
+    header    512 bytes: HEADER_FIELDS, one word each, then (from word HDR_OFFSETS)
+              SECTIONS' byte offsets
     servers   max_servers x 272 B: url length (0 = free entry), then the url (<= 264 B)
     counters  max_servers x max_workers x 8 words: COUNTER_FIELDS; a (server, worker)
               cell is written only by that worker (the master zeroes active/tunnels of a
@@ -55,21 +56,26 @@ import time
 
 from mplb.shm.tables import ENTRY_WORDS, GROUP
 
-MAGIC = b"MPLBSHM2"
-VERSION = 3                      # 3: the master holds the liveness lock (mplb.shm.liveness)
+MAGIC = b"MPLBSHM3"
+VERSION = 4                      # 4: store words, and the master holds the liveness lock
 HEADER_BYTES = 512
 
 # The header, word by word: the one place that names these fields.
 HEADER_FIELDS = ("magic", "version", "total_size", "master_pid", "generation", "reloads",
                  "start_time_us", "max_workers", "max_servers", "max_tables", "pool_entries",
-                 "pool_used", "servers_high", "slots_high", "max_upstreams", "servers_used")
+                 "pool_used", "servers_high", "slots_high", "max_upstreams", "servers_used",
+                 "store_state", "store_instances", "store_dropped")
 (HDR_MAGIC, HDR_VERSION, HDR_SIZE, HDR_MASTER_PID, HDR_GENERATION, HDR_RELOADS,
  HDR_STARTED, HDR_MAX_WORKERS, HDR_MAX_SERVERS, HDR_MAX_TABLES, HDR_POOL_ENTRIES,
  HDR_POOL_USED, HDR_SERVERS_HIGH, HDR_SLOTS_USED, HDR_MAX_UPSTREAMS,
- HDR_SERVERS_USED) = range(len(HEADER_FIELDS))
+ HDR_SERVERS_USED, HDR_STORE_STATE, HDR_STORE_INSTANCES,
+ HDR_STORE_DROPPED) = range(len(HEADER_FIELDS))
+# store_state (written by the master's store thread alone): no store, or its link.
+STORE_NONE, STORE_OK, STORE_DEGRADED = 0, 1, 2
 # Byte offsets of the sections, in this order, from header word HDR_OFFSETS on.
 SECTIONS = ("servers", "counters", "health", "workers", "tables", "pool", "upstreams")
-HDR_OFFSETS = 16
+HDR_OFFSETS = 32
+assert len(HEADER_FIELDS) <= HDR_OFFSETS and (HDR_OFFSETS + len(SECTIONS)) * 8 <= 512
 
 URL_ENTRY_BYTES = 272
 URL_MAX = URL_ENTRY_BYTES - 8
@@ -79,14 +85,21 @@ FIELDS = COUNTER_FIELDS
 ACTIVE, TUNNELS, REQUESTS, FAILURES, BYTES_IN, BYTES_OUT = range(len(COUNTER_FIELDS))
 NFIELDS = 8                      # words per (server, worker) cell: the fields + 2 spare
 
+# remote_active: active connections the *other* instances of a cluster hold on this
+# server (summed from their published counts by the master's store thread, its only
+# writer); least_connections adds it to the local live count.
 HEALTH_FIELDS = ("passive_fails", "last_fail_us", "check_down", "check_fails",
-                 "check_passes", "last_check_us")
-H_FAILS, H_LAST_FAIL, H_DOWN, H_CHECK_FAILS, H_CHECK_PASSES, H_LAST_CHECK = \
+                 "check_passes", "last_check_us", "remote_active")
+H_FAILS, H_LAST_FAIL, H_DOWN, H_CHECK_FAILS, H_CHECK_PASSES, H_LAST_CHECK, H_REMOTE = \
     range(len(HEALTH_FIELDS))
 HEALTH_WORDS = 8
 
-WORKER_FIELDS = ("pid", "generation", "connections", "requests", "started_us")
-W_PID, W_GENERATION, W_CONNECTIONS, W_REQUESTS, W_STARTED = range(len(WORKER_FIELDS))
+# store_dropped: table entries the worker could not hand to its master (control socket
+# full), counted by the worker itself.
+WORKER_FIELDS = ("pid", "generation", "connections", "requests", "started_us",
+                 "store_dropped")
+W_PID, W_GENERATION, W_CONNECTIONS, W_REQUESTS, W_STARTED, W_STORE_DROPPED = \
+    range(len(WORKER_FIELDS))
 WORKER_WORDS = 8
 
 TABLE_FIELDS = ("name_digest_1", "name_digest_2", "first_entry", "capacity", "ttl_us")

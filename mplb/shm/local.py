@@ -25,10 +25,11 @@ class LocalState(SharedState):
         for slot in range(max_workers):
             self.worker_started(slot, os.getpid(), 0)
 
-    def table(self, name: str, capacity: int, ttl: float):
+    def table(self, name: str, capacity: int, ttl: float, cluster_key: bytes = b""):
         """A private table (same code as the shared ones) sized on demand."""
         table = self._tables.get(name)
         if table is None:
-            table = self._tables[name] = private_table(name, capacity, ttl, self.salt)
+            table = self._tables[name] = private_table(name, capacity, ttl, self.salt,
+                                                       cluster_key)
         table.ttl_us = int(ttl * 1e6)
         return table

@@ -21,12 +21,14 @@ import time
 from mplb.errors import MplbError
 from mplb.shm.layout import (
     ACTIVE, BYTES_IN, BYTES_OUT, COUNTER_FIELDS, FAILURES, H_DOWN, H_CHECK_FAILS,
-    H_CHECK_PASSES, H_FAILS, H_LAST_CHECK, H_LAST_FAIL, HDR_GENERATION, HDR_MASTER_PID,
-    HDR_MAX_SERVERS, HDR_MAX_TABLES, HDR_MAX_UPSTREAMS, HDR_MAX_WORKERS, HDR_OFFSETS,
-    HDR_POOL_ENTRIES, HDR_POOL_USED, HDR_RELOADS, HDR_SERVERS_HIGH, HDR_SERVERS_USED,
-    HDR_SIZE, HDR_SLOTS_USED, HDR_STARTED, HDR_VERSION, HEALTH_WORDS, MAGIC, NFIELDS,
+    H_CHECK_PASSES, H_FAILS, H_LAST_CHECK, H_LAST_FAIL, H_REMOTE, HDR_GENERATION,
+    HDR_MASTER_PID, HDR_MAX_SERVERS, HDR_MAX_TABLES, HDR_MAX_UPSTREAMS, HDR_MAX_WORKERS,
+    HDR_OFFSETS, HDR_POOL_ENTRIES, HDR_POOL_USED, HDR_RELOADS, HDR_SERVERS_HIGH,
+    HDR_SERVERS_USED, HDR_SIZE, HDR_SLOTS_USED, HDR_STARTED, HDR_STORE_DROPPED,
+    HDR_STORE_INSTANCES, HDR_STORE_STATE, HDR_VERSION, HEALTH_WORDS, MAGIC, NFIELDS,
     REQUESTS, SECTIONS, TUNNELS, URL_ENTRY_BYTES, URL_MAX, VERSION, W_CONNECTIONS,
-    W_GENERATION, W_PID, W_REQUESTS, W_STARTED, WORKER_WORDS, now_us, segment_layout, zeros)
+    W_GENERATION, W_PID, W_REQUESTS, W_STARTED, W_STORE_DROPPED, WORKER_WORDS, now_us,
+    segment_layout, zeros)
 from mplb.shm import liveness
 from mplb.shm.space import Reservations
 from mplb.shm.tables import LOCK_HEALTH, STRIPES, StripeLocks
@@ -62,6 +64,9 @@ class SharedState(Reservations):
         self.salt = salt
         self.secret = secret
         self.locks = StripeLocks(fd if writable else None)
+        # Set in a worker that has a shared_store: announce(table, key, sid, first)
+        # tells the master of a new table entry, without blocking (mplb.control).
+        self.announce = None
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -126,6 +131,20 @@ class SharedState(Reservations):
     start_time = property(lambda self: self.q[HDR_STARTED] / 1e6)
     servers_registered = property(lambda self: self.q[HDR_SERVERS_USED])
     slots_used = property(lambda self: self.q[HDR_SLOTS_USED])
+
+    store_state = property(lambda self: self.q[HDR_STORE_STATE])
+    store_instances = property(lambda self: self.q[HDR_STORE_INSTANCES])
+    store_dropped = property(lambda self: self.q[HDR_STORE_DROPPED])
+
+    def set_store(self, state: int, instances: int = 0) -> None:
+        """The master's store thread: the link's state (layout STORE_*) and how many
+        instances share the store, for the status page of every worker."""
+        self.q[HDR_STORE_INSTANCES] = instances
+        self.q[HDR_STORE_STATE] = state
+
+    def count_store_dropped(self, n: int = 1) -> None:
+        """Master: table entries that could not be handed to the store (queue full)."""
+        self.q[HDR_STORE_DROPPED] += n
 
     def set_generation(self, generation: int) -> None:
         self.q[HDR_GENERATION] = generation
@@ -301,6 +320,7 @@ class SharedState(Reservations):
         self.q[w + W_PID] = pid
         self.q[w + W_GENERATION] = generation
         self.q[w + W_CONNECTIONS] = 0
+        self.q[w + W_STORE_DROPPED] = 0
         self.q[w + W_STARTED] = int(time.time() * 1e6)
         if worker_slot + 1 > self.q[HDR_SLOTS_USED]:
             self.q[HDR_SLOTS_USED] = worker_slot + 1
@@ -327,7 +347,8 @@ class SharedState(Reservations):
                             "generation": self.q[w + W_GENERATION],
                             "connections": self.q[w + W_CONNECTIONS],
                             "requests": self.q[w + W_REQUESTS],
-                            "started": self.q[w + W_STARTED] / 1e6})
+                            "started": self.q[w + W_STARTED] / 1e6,
+                            "store_dropped": self.q[w + W_STORE_DROPPED]})
         return out
 
     # -- health: passive failures (striped lock) and active checks (single writer) -----
@@ -361,6 +382,14 @@ class SharedState(Reservations):
             fails = self.q[h + H_FAILS]
             if fails < max_fails or now_us(now) - self.q[h + H_LAST_FAIL] >= fail_timeout * 1e6:
                 self.q[h + H_FAILS] = 0
+
+    def remote_active(self, sid: int) -> int:
+        """Active connections the other instances of a cluster hold on ``sid``."""
+        return self.q[self._health(sid) + H_REMOTE]
+
+    def set_remote_active(self, sid: int, count: int) -> None:
+        """The master's store thread (single writer)."""
+        self.q[self._health(sid) + H_REMOTE] = count
 
     def health_down(self, sid: int) -> bool:
         return self.q[self._health(sid) + H_DOWN] != 0

@@ -26,8 +26,12 @@ class Reservations:
     def _table_dir(self, index: int) -> int:
         return self.off_tables + index * TABLE_DIR_BYTES // 8
 
-    def table(self, name: str, capacity: int, ttl: float) -> ShmTable:
-        """The table called ``name``: reserved by the master, found by the workers."""
+    def table(self, name: str, capacity: int, ttl: float, cluster_key: bytes = b"") -> ShmTable:
+        """The table called ``name``: reserved by the master, found by the workers.
+
+        With ``cluster_key`` (shared_store), keys are digested with it instead of this
+        master's salt: a digest then means the same client on every instance.
+        """
         table = self._tables.get(name)
         if table is not None:
             table.ttl_us = int(ttl * 1e6)
@@ -43,9 +47,19 @@ class Reservations:
         if self.writable:
             self.q[self._table_dir(index) + T_TTL] = int(ttl * 1e6)
         table = ShmTable(self.q, self.off_pool + start * ENTRY_WORDS, cap, int(ttl * 1e6),
-                         self.salt, self.locks, stripe_seed=index * 31, name=name)
+                         cluster_key or self.salt, self.locks, stripe_seed=index * 31,
+                         name=name, group_salt=self.salt if cluster_key else None,
+                         index=index)
         self._tables[name] = table
         return table
+
+    def find_table(self, index: int):
+        """The table a worker names by its directory ``index`` (or None): master side,
+        for entries announced by workers; never reserves."""
+        for table in self._tables.values():
+            if table.index == index:
+                return table
+        return None
 
     def _find_table(self, k1, k2):
         for i in range(self.max_tables):

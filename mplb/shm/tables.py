@@ -45,6 +45,7 @@ DIGEST_CACHE = 4096              # per-process memo of key -> digest (keys are b
 EXPIRED = -(1 << 62)
 
 _unpack_qq = struct.Struct("<qq").unpack
+_pack_qq = struct.Struct("<qq").pack
 
 
 def digest_words(data: bytes, salt: bytes) -> tuple:
@@ -74,7 +75,8 @@ class ShmTable:
     """A fixed-capacity set-associative table (key bytes -> int64) with TTL and ~LRU."""
 
     def __init__(self, words, start_word: int, capacity: int, ttl_us: int, salt: bytes,
-                 locks: StripeLocks, stripe_seed: int = 0, name: str = ""):
+                 locks: StripeLocks, stripe_seed: int = 0, name: str = "",
+                 group_salt: bytes = None, index: int = 0):
         self.q = words
         self.start = start_word
         self.capacity = capacity
@@ -84,11 +86,18 @@ class ShmTable:
         self.locks = locks
         self.seed = stripe_seed
         self.name = name
+        self.index = index              # directory entry (names the table to the master)
+        # A cluster table digests keys with the cluster's key (the same on every
+        # instance, so a digest can travel between them) and places a digest in a
+        # group by this master's own salt, so a client still cannot aim at a group.
+        self.group_salt = group_salt
+        self._grouper = (hashlib.blake2b(digest_size=8, key=group_salt)
+                         if group_salt is not None else None)
         self._keyed = hashlib.blake2b(digest_size=16, key=salt or b"")
         self._digests = {}
 
     def digest(self, key: bytes) -> tuple:
-        """(k1, k2) of ``key``, memoised per process (a client is usually seen again)."""
+        """(k1, k2, group) of ``key``, memoised per process (a client is usually seen again)."""
         words = self._digests.get(key)
         if words is None:
             h = self._keyed.copy()
@@ -96,20 +105,26 @@ class ShmTable:
             k1, k2 = _unpack_qq(h.digest())
             if k1 == 0 and k2 == 0:
                 k2 = 1
-            words = (k1, k2)
+            words = (k1, k2, self.group_of(k1, k2))
             if len(self._digests) >= DIGEST_CACHE:
                 self._digests.clear()
             self._digests[key] = words
         return words
 
-    def _group(self, k1: int) -> tuple:
-        g = k1 % self.groups
+    def group_of(self, k1: int, k2: int) -> int:
+        """The group a digest lives in."""
+        if self._grouper is None:
+            return k1 % self.groups
+        h = self._grouper.copy()
+        h.update(_pack_qq(k1, k2))
+        return int.from_bytes(h.digest(), "little") % self.groups
+
+    def _group(self, g: int) -> tuple:
         return self.start + g * GROUP * ENTRY_WORDS, LOCK_TABLE + (g + self.seed) % STRIPES
 
     def get(self, key: bytes, now: float):
         """The live value for ``key`` or None; refreshes its last-used time."""
-        k1, k2 = self.digest(key)
-        g = k1 % self.groups
+        k1, k2, g = self.digest(key)
         base = self.start + g * (GROUP * ENTRY_WORDS)
         q = self.q
         for off in range(base, base + GROUP * ENTRY_WORDS, ENTRY_WORDS):
@@ -158,10 +173,14 @@ class ShmTable:
         With ``replace=False`` a live entry another writer made first is kept and its
         value returned (first writer wins); otherwise returns None.
         """
-        k1, k2 = self.digest(key)
-        base, lock = self._group(k1)
+        k1, k2, g = self.digest(key)
+        return self.put_words(k1, k2, g, value, int(now * 1_000_000), replace)
+
+    def put_words(self, k1: int, k2: int, g: int, value: int, t: int, replace: bool = True):
+        """``put`` by digest: the master writes entries other instances made (``t`` is
+        the last-used time in monotonic microseconds, so an entry keeps its age)."""
+        base, lock = self._group(g)
         q = self.q
-        t = int(now * 1_000_000)
         self.locks.acquire(lock)
         try:
             victim = corpse = None
@@ -197,8 +216,8 @@ class ShmTable:
 
     def delete(self, key: bytes) -> None:
         """Expire ``key`` (the entry stays in place so lookups still stop correctly)."""
-        k1, k2 = self.digest(key)
-        base, lock = self._group(k1)
+        k1, k2, g = self.digest(key)
+        base, lock = self._group(g)
         q = self.q
         self.locks.acquire(lock)
         try:
@@ -232,8 +251,10 @@ class ShmTable:
         return out
 
 
-def private_table(name: str, capacity: int, ttl: float, salt: bytes) -> ShmTable:
+def private_table(name: str, capacity: int, ttl: float, salt: bytes,
+                  cluster_key: bytes = b"") -> ShmTable:
     """A table over process memory (single process: no locks needed)."""
     capacity = max(GROUP, -(-capacity // GROUP) * GROUP)
     words = memoryview(bytearray(capacity * ENTRY_WORDS * 8)).cast("q")
-    return ShmTable(words, 0, capacity, int(ttl * 1e6), salt, StripeLocks(None), name=name)
+    return ShmTable(words, 0, capacity, int(ttl * 1e6), cluster_key or salt,
+                    StripeLocks(None), name=name, group_salt=salt if cluster_key else None)
