@@ -71,6 +71,8 @@ def main(argv=None):
             return fail(str(exc))
         config = None
     if args.test:
+        for warning in config.warnings:
+            print(f"mplb: [warn] {warning}", file=sys.stderr)
         print(f"mplb: the configuration file {args.conf} syntax is ok", file=sys.stderr)
         print(f"mplb: configuration file {args.conf} test is successful", file=sys.stderr)
         return 0
@@ -78,9 +80,10 @@ def main(argv=None):
         return send_signal(args, config.pid if config else None)
     from setproctitle import setproctitle
     from mplb import logs
-    from mplb.master import Master
+    from mplb.master import Master, log_warnings
     setproctitle(f"mplb: master process -conf {args.conf}")
     logs.setup(config.error_log, args.verbose)
+    log_warnings(config)
     master = Master(config, args.conf, verbose=args.verbose, workers_override=args.workers,
                     pid_file=args.pid)
     try:

@@ -81,6 +81,12 @@ class Reload:
     deadline: float
 
 
+def log_warnings(config) -> None:
+    """What the configuration accepted but ignores (nginx-only directives), once a load."""
+    for warning in config.warnings:
+        log.warning("%s", warning)
+
+
 class Master:
     """Owns the listen sockets, the shared segment and the worker processes."""
 
@@ -394,6 +400,7 @@ class Master:
         log.info("reloading configuration %s", self.config_path)
         try:
             config = load(self.config_path)
+            log_warnings(config)
             reservation.reserve(config, self.shared)
             sockets = bind_listens(config, self.sockets)
         except (ConfigError, StartupError) as exc:

@@ -414,7 +414,7 @@ class UpstreamExchange:
 
     def _done(self, request, response, keep_client, sent) -> bool:
         reusable = (response.keep_alive and response.complete and self.plan.keepalive
-                    and self.upstream.keepalive > 0)
+                    and self.upstream.keepalive > 0 and not request.upstream_close)
         self._release(failed=False, reusable=reusable)
         accounting = self.worker.accounting
         if accounting.logging:

@@ -5,6 +5,7 @@ and is all a ClientConnection and an UpstreamExchange may use:
 
 - ``config``, ``router``, ``balancers`` (by upstream name), ``pool`` (upstream
   keep-alive connections), ``tls`` (server SSL contexts by listen), ``stopping``;
+- ``variables``: every variable as a function of the request (workers.variables);
 - ``default_settings(listen)`` / ``default_limits(listen)``: what applies before routing;
 - ``head_plan(location)``: the compiled upstream request head of a location;
 - ``take_buffer()`` / ``give_buffer(buffer)``: relay buffers for bodies that may wait;
@@ -22,6 +23,7 @@ from mplb.workers.process import Lifecycle
 from mplb.workers.router import Router
 from mplb.workers.tunnelbook import TunnelBook
 from mplb.workers.upstream import UpstreamPool
+from mplb.workers.variables import VariableTable
 
 RELAY_BUFFER_SIZE = 65536
 SPARE_BUFFERS = 64
@@ -35,6 +37,7 @@ class Worker:
         self.config = config = ctx.config
         self.shared = ctx.shared
         self.router = Router(config)
+        self.variables = VariableTable(config, self.router)
         self.pool = UpstreamPool()
         self.stopping = False
         self.balancers = {name: init_upstream(upstream, self.shared, ctx.slot)
@@ -62,7 +65,8 @@ class Worker:
     def head_plan(self, location):
         plan = self._plans.get(id(location))
         if plan is None:
-            plan = self._plans[id(location)] = HeadPlan(location.settings)
+            plan = self._plans[id(location)] = HeadPlan(location.settings, location,
+                                                        self.variables)
         return plan
 
     def take_buffer(self):

@@ -78,6 +78,53 @@ class Template:
 
 
 @dataclass(frozen=True)
+class VariableMap:
+    """``map $source $name { ... }``: a variable whose value depends on another's.
+
+    Chosen in nginx's order: an exact string (compared ignoring case), with
+    ``hostnames`` the longest ``*.suffix`` then the longest ``prefix.*`` mask, then the
+    first matching regex in file order, else ``default``.  Values are Templates; a
+    regex entry's value may use that regex's captures (``$1``, ``$name``).
+    """
+
+    name: str
+    source: Template
+    default: Template
+    exact: Mapping[str, Template]           # lower-cased source value -> value
+    leading: tuple = ()                     # ((".example.com", value), ...) longest first
+    trailing: tuple = ()                    # (("mail.", value), ...) longest first
+    regexes: tuple = ()                     # ((compiled regex, value), ...) in file order
+    file: str = ""
+    line: int = 0
+
+    def select(self, source: str):
+        """``(value template, regex match or None)`` for a source value."""
+        key = source.lower()
+        value = self.exact.get(key)
+        if value is not None:
+            return value, None
+        for suffix, value in self.leading:
+            if key.endswith(suffix) and len(key) > len(suffix):
+                return value, None
+        for prefix, value in self.trailing:
+            if key.startswith(prefix) and len(key) > len(prefix):
+                return value, None
+        for regex, value in self.regexes:
+            match = regex.search(source)
+            if match is not None:
+                return value, match
+        return self.default, None
+
+    @property
+    def references(self) -> frozenset:
+        """Names of the variables its source and values read (cycle checks)."""
+        templates = [self.source, self.default, *self.exact.values()]
+        templates += [value for _, value in self.leading + self.trailing + self.regexes]
+        return frozenset(text for template in templates
+                         for is_variable, text in template.parts if is_variable)
+
+
+@dataclass(frozen=True)
 class Persistence:
     kind: str = "none"                  # a name of vocabulary.PERSISTENCE_MODES
     ttl: float = 0.0                    # seconds; the mode's default filled by the handler
@@ -170,8 +217,10 @@ class Location:
     settings: ProxySettings
     regex: Optional[re.Pattern] = None
     upstream: Optional[str] = None          # name in Config.upstreams
+    proxy_uri: Optional[str] = None         # proxy_pass http://up/URI: replaces the prefix
     return_code: Optional[int] = None
     return_text: str = ""
+    return_value: Optional[Template] = None  # return text/URL with variables
     status: bool = False                    # mplb_status
     file: str = ""
     line: int = 0
@@ -180,13 +229,26 @@ class Location:
 @dataclass(frozen=True)
 class VirtualServer:
     listens: tuple                          # tuple[Listen, ...]
-    server_names: tuple                     # tuple[str, ...], lower case
+    server_names: tuple                     # tuple[str, ...], lower case (no regexes)
     locations: tuple                        # tuple[Location, ...] in file order
     settings: ProxySettings
     ssl_certificate: Optional[str] = None
     ssl_certificate_key: Optional[str] = None
+    name_regexes: tuple = ()                # server_name ~regex: compiled, in file order
     file: str = ""
     line: int = 0
+
+
+@dataclass(frozen=True)
+class ConfigWarning:
+    """Something accepted but ignored (an nginx-only directive), reported at load."""
+
+    message: str
+    file: str
+    line: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.message}"
 
 
 @dataclass(frozen=True)
@@ -206,6 +268,9 @@ class Config:
     access_log: Optional[str] = None        # None = off
     upstreams: Mapping[str, Upstream] = field(default_factory=dict)
     servers: tuple = ()                     # tuple[VirtualServer, ...]
+    maps: Mapping[str, VariableMap] = field(default_factory=dict)
+    capture_names: frozenset = frozenset()  # named captures of server_name regexes
+    warnings: tuple = ()                    # tuple[ConfigWarning, ...]
 
     @property
     def listens(self) -> tuple:
