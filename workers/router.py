@@ -137,6 +137,16 @@ class LocationTable:
         return best
 
 
+class Answer:
+    """A server-level ``return``: every URI gets it (nginx runs it before locations)."""
+
+    def __init__(self, location):
+        self.location = location
+
+    def match(self, uri: str):
+        return self.location
+
+
 class Router:
     """Per-listen-socket routing tables built once from the Config."""
 
@@ -146,7 +156,9 @@ class Router:
             for listen in vserver.listens:
                 by_listen.setdefault(listen.key, []).append(vserver)
         self.names = {key: ServerNameTable(vservers, key) for key, vservers in by_listen.items()}
-        self.locations = {id(vserver): LocationTable(vserver.locations) for vserver in config.servers}
+        self.locations = {id(vserver): (LocationTable(vserver.locations)
+                                        if vserver.answer is None else Answer(vserver.answer))
+                          for vserver in config.servers}
 
     def capture(self, listen_key, host: str, name: str) -> str:
         """A named capture of the server_name regex that selected the request's server."""

@@ -32,8 +32,10 @@ def parse_tree(path: str) -> list:
     """Run crossplane and return the main file's statements with includes inlined."""
     payload = crossplane.parse(path, check_ctx=False, check_args=False, comments=False,
                                single=False, onerror=_crossplane_message)
+    # include mime.types is never read: its absence or content is not an error here.
     errors = [error for error in payload["errors"]
-              if error.get("callback") != MIME_TYPES_IGNORED]
+              if error.get("callback") != MIME_TYPES_IGNORED
+              and not nginx.is_mime_types(error["file"])]
     if errors:
         first = errors[0]
         raise ConfigError(first.get("callback") or first["error"], first["file"],
@@ -258,7 +260,15 @@ def build_server(stmt: Stmt, main: Scope, upstreams: dict, implicit: dict) -> Vi
                 raise location_stmt.error(f'duplicate location "{location.pattern}"')
             seen_patterns[(kind, location.pattern)] = location
         locations.append(location)
+    answer = None
+    if "return" in scope.values:
+        # nginx runs a server-level return before choosing a location.
+        code, text, value = scope.values["return"]
+        answer = Location(modifier="", pattern="", settings=freeze_settings(settings),
+                          return_code=code, return_text=text, return_value=value,
+                          file=stmt.file, line=stmt.line)
     return VirtualServer(
+        answer=answer,
         listens=tuple(listens),
         server_names=tuple(scope.values.get("server_names", ())),
         name_regexes=tuple(scope.values.get("name_regexes", ())),

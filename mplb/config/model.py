@@ -235,6 +235,7 @@ class VirtualServer:
     ssl_certificate: Optional[str] = None
     ssl_certificate_key: Optional[str] = None
     name_regexes: tuple = ()                # server_name ~regex: compiled, in file order
+    answer: Optional[Location] = None       # a server-level return: every request gets it
     file: str = ""
     line: int = 0
 

@@ -162,9 +162,11 @@ DIRECTIVES = (
        "—", "Proxies requests (and upgrades such as WebSocket) to an upstream group, or to "
        "one address, which becomes an implicit upstream.", "proxy_pass backend;",
        h.set_proxy_pass),
-    _d("return", (LOCATION,), (1, 2), "code [text | URL] | URL;", "—",
+    _d("return", (SERVER, LOCATION), (1, 2), "code [text | URL] | URL;", "—",
        "Answers directly with this status; for 301, 302, 303, 307 and 308 the second "
-       "argument is the Location URL.", "return 301 https://example.com/;", h.set_return),
+       "argument is the Location URL.  The text or URL may hold variables.  In a server "
+       "block it answers every request of that server, before any location (nginx's "
+       "rule).", "return 301 https://$host$request_uri;", h.set_return),
     _d("mplb_status", (LOCATION,), (0, 0), ";", "—",
        "This location serves the load balancer's statistics.",
        "location = /mplb_status { mplb_status; allow 127.0.0.1; deny all; }", h.set_status),
