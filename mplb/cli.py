@@ -80,10 +80,10 @@ def main(argv=None):
         return send_signal(args, config.pid if config else None)
     from setproctitle import setproctitle
     from mplb import logs
-    from mplb.master import Master, log_warnings
+    from mplb.master import Master
     setproctitle(f"mplb: master process -conf {args.conf}")
     logs.setup(config.error_log, args.verbose)
-    log_warnings(config)
+    logs.warn_config(config)
     master = Master(config, args.conf, verbose=args.verbose, workers_override=args.workers,
                     pid_file=args.pid)
     try:

@@ -55,3 +55,10 @@ def reopen():
                 handler.stream = handler._open()
             finally:
                 handler.release()
+
+
+def warn_config(config) -> None:
+    """What a configuration accepted but ignores (nginx-only directives), once a load."""
+    log = logging.getLogger("mplb.config")
+    for warning in config.warnings:
+        log.warning("%s", warning)

@@ -25,6 +25,7 @@ import time
 from mplb import logs, reservation
 from mplb.errors import ConfigError, StartupError
 from mplb.listeners import bind_listens
+from mplb.sampler import Sampler
 
 log = logging.getLogger("mplb.master")
 
@@ -81,12 +82,6 @@ class Reload:
     deadline: float
 
 
-def log_warnings(config) -> None:
-    """What the configuration accepted but ignores (nginx-only directives), once a load."""
-    for warning in config.warnings:
-        log.warning("%s", warning)
-
-
 class Master:
     """Owns the listen sockets, the shared segment and the worker processes."""
 
@@ -114,6 +109,7 @@ class Master:
         self.reload = None              # a Reload waiting for its new generation
         self.reload_again = False       # HUP arrived during a reload
         self.slots_exhausted = False    # logged once until a slot frees up
+        self.sampler = Sampler()        # the dashboard's once-a-second statistics
 
     @property
     def worker_count(self):
@@ -323,7 +319,7 @@ class Master:
     def run(self):
         """Run until stopped; returns the exit status."""
         try:
-            while not self.run_once(1.0):
+            while not self.run_once(self.sampler.wait()):
                 pass
         finally:
             self.cleanup()
@@ -342,6 +338,7 @@ class Master:
         self.kill_silent_workers()
         self.start_missing_workers()
         self.advance_reload()
+        self.sampler.tick(self.shared)
         return False
 
     def dispatch(self, signum):
@@ -400,7 +397,7 @@ class Master:
         log.info("reloading configuration %s", self.config_path)
         try:
             config = load(self.config_path)
-            log_warnings(config)
+            logs.warn_config(config)
             reservation.reserve(config, self.shared)
             sockets = bind_listens(config, self.sockets)
         except (ConfigError, StartupError) as exc:
