@@ -50,7 +50,7 @@ class Accounting:
         if shared is None:
             return
         words = self._exchange_words.get(server.url) or self._words(server.url)
-        requests, bytes_in, bytes_out, worker_requests, response = words
+        requests, bytes_in, bytes_out, worker_requests, response, response_sum = words
         q = shared.q
         q[requests] += 1
         q[bytes_in] += received_upstream
@@ -58,10 +58,12 @@ class Accounting:
         q[worker_requests] += 1
         if head_seconds is not None:         # inline: this is every request's path
             q[response + bisect_left(RESPONSE_BUCKETS, head_seconds)] += 1
-            q[response + RESPONSE_SUM] += int(head_seconds * 1e6)
+            q[response_sum] += int(head_seconds * 1e6)
 
     def _words(self, url) -> tuple:
-        words = self._exchange_words[url] = self.shared.exchange_words(self.slot, url)
+        """The words of ``url`` (shm.exchange_words) and its response-time sum word."""
+        words = self.shared.exchange_words(self.slot, url)
+        words = self._exchange_words[url] = words + (words[4] + RESPONSE_SUM,)
         return words
 
     def response_timed(self, server, head_seconds) -> None:

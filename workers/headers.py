@@ -115,6 +115,8 @@ class HeadPlan:
                     self.per_connection = False
         self.static_block = b"".join(self.static)
         self.keepalive = not (self.http10 or self.connection_close)
+        # Connection: close always (keepalive off), or when a variable says so.
+        self.may_close = not self.keepalive or self.connection_of is not None
 
     def render(self, request, server, body_framing: bytes) -> bytes:
         """The complete upstream request head, ready for one send."""
@@ -146,12 +148,13 @@ class HeadPlan:
         if request.is_upgrade:
             out += [b"Upgrade: ", (request.header("upgrade") or "").encode("latin-1"),
                     b"\r\nConnection: upgrade\r\n"]
-        elif not self.keepalive:
-            out.append(b"Connection: close\r\n")
-        elif self.connection_of is not None and "close" in _tokens(self.connection_of(request)):
-            # e.g. map $http_upgrade $connection_upgrade {default upgrade; '' close;}
-            request.upstream_close = True
-            out.append(b"Connection: close\r\n")
+        elif self.may_close:
+            if self.connection_of is None:
+                out.append(b"Connection: close\r\n")
+            elif "close" in _tokens(self.connection_of(request)):
+                # e.g. map $http_upgrade $connection_upgrade {default upgrade; '' close;}
+                request.upstream_close = True
+                out.append(b"Connection: close\r\n")
         out += [body_framing, b"\r\n"]
         return b"".join(out)
 
