@@ -1,7 +1,9 @@
 """nginx's spellings in the configuration (README "Coming from nginx"): upstream methods,
 map, regex server names, proxy_pass with a URI, variables in return, and the nginx-only
 directives that are ignored with a warning or refused with an error."""
+import json
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -10,6 +12,7 @@ import pytest
 
 from mplb.config import docs, load, nginx
 from mplb.errors import ConfigError
+from tests.harness import Backend, Mplb, RawWebSocket, free_port, get, wait_for
 
 B = "server 127.0.0.1:9001;"
 
@@ -374,3 +377,75 @@ def test_t_prints_warnings(tmp_path):
     assert re.search(rf'mplb: \[warn\] {re.escape(str(conf))}:1: "sendfile" is ignored',
                      result.stderr), result.stderr
     assert "test is successful" in result.stderr
+
+
+# --- end to end: a running mplb ---------------------------------------------------------
+
+E2E = r"""
+http {{
+    sendfile on;
+    map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
+    map $host $tier {{ hostnames; default std; *.gold.test gold; }}
+    upstream backend {{ least_conn; server {b1_address}; }}
+    server {{
+        listen 127.0.0.1:{port};
+        server_name ~^(?<user>[a-z]+)\.users\.test$ plain.test;
+        location /app/ {{
+            proxy_pass http://backend/v1/;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header X-User $user;
+            proxy_set_header X-Tier $tier;
+        }}
+        location = /hello {{ return 200 "hello $user from $host$request_uri\n"; }}
+        location /moved {{ return 301 https://$host$uri?from=mplb; }}
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        server_name old.test;
+        return 302 https://new.test$request_uri;
+        location / {{ proxy_pass backend; }}
+    }}
+}}
+"""
+
+
+def test_running_mplb_speaks_nginx(tmp_path):
+    backend = Backend("nx")
+    port = free_port()
+    lb = None
+    try:
+        lb = Mplb(E2E.format(port=port, b1_address=f"127.0.0.1:{backend.port}"),
+                  workers=2, wait_ports=[port])
+        status, _, body = get(port, "/app/a%20b/c?q=1", headers={"Host": "ann.users.test"})
+        seen = json.loads(body)
+        assert (status, seen["target"]) == (200, "/v1/a%20b/c?q=1")
+        assert seen["headers"]["connection"] == "close" and "upgrade" not in seen["headers"]
+        assert (seen["headers"]["x-user"], seen["headers"]["x-tier"]) == ("ann", "std")
+        seen = json.loads(get(port, "/app/", headers={"Host": "x.gold.test"})[2])
+        assert "x-user" not in seen["headers"] and seen["headers"]["x-tier"] == "gold"
+        with RawWebSocket(port, "/app/ws", host_header="bob.users.test") as ws:
+            assert ws.status == 101
+            ws.recv_data()
+            ws.send_text("cmd:request")
+            upgrade = json.loads(ws.recv_data())
+        assert upgrade["target"] == "/v1/ws"
+        assert upgrade["headers"]["connection"].lower() == "upgrade"
+        assert upgrade["headers"]["x-user"] == "bob"
+        assert get(port, "/hello?x=1", headers={"Host": "cy.users.test"})[2] == \
+            b"hello cy from cy.users.test/hello?x=1\n"
+        status, headers, _ = get(port, "/moved/%0d%0aX-Evil:%20yes", headers={"Host": "plain.test"})
+        assert status == 301 and "x-evil" not in headers       # no header injection
+        assert headers["location"].startswith("https://plain.test/moved/")
+        status, headers, _ = get(port, "/any?y=2", headers={"Host": "old.test"})
+        assert (status, headers["location"]) == (302, "https://new.test/any?y=2")
+        # one warning per ignored line: at start (not once per worker) and per reload
+        wait_for(lambda: lb.output().count('"sendfile" is ignored') == 1, message="warning")
+        lb.signal(signal.SIGHUP)
+        wait_for(lambda: lb.output().count('"sendfile" is ignored') == 2,
+                 message="the reload's warning")
+        assert re.search(r'\[warn\] \d+#0: \S+mplb\.conf:3: "sendfile" is ignored', lb.output())
+    finally:
+        if lb is not None:
+            lb.stop()
+        backend.stop()

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+from mplb.config.model import first_match, match_wildcards
+
 
 class ServerNameTable:
     """Virtual servers sharing one listen socket, selected by host name.
@@ -63,17 +65,11 @@ class ServerNameTable:
 
     def _select_named(self, host):
         """(vserver, the regex match that chose it or None), past the exact names."""
-        for suffix, vserver in self.leading:
-            if host.endswith(suffix) and len(host) > len(suffix):
-                return vserver, None
-        for prefix, vserver in self.trailing:
-            if host.startswith(prefix) and len(host) > len(prefix):
-                return vserver, None
-        for regex, vserver in self.regexes:
-            match = regex.search(host)
-            if match is not None:
-                return vserver, match
-        return self.default, None
+        vserver = match_wildcards(host, self.leading, self.trailing)
+        if vserver is not None:
+            return vserver, None
+        vserver, match = first_match(self.regexes, host)
+        return (vserver, match) if match is not None else (self.default, None)
 
     def capture(self, host: str, name: str) -> str:
         """``$name`` from the server_name regex that chose this host's server ("" when

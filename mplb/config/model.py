@@ -77,6 +77,29 @@ class Template:
         return "".join(f"${text}" if is_variable else text for is_variable, text in self.parts)
 
 
+def match_wildcards(name: str, leading, trailing):
+    """nginx's wildcard names: the value of the longest ``*.suffix`` mask matching
+    ``name``, else of the longest ``prefix.*`` one, else None.  ``leading`` holds
+    ``(".suffix", value)``, ``trailing`` ``("prefix.", value)``, both longest first."""
+    for suffix, value in leading:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return value
+    for prefix, value in trailing:
+        if name.startswith(prefix) and len(name) > len(prefix):
+            return value
+    return None
+
+
+def first_match(regexes, text: str) -> tuple:
+    """``(value, match)`` of the first ``(regex, value)`` whose regex finds ``text``
+    (nginx tries regexes in file order), else ``(None, None)``."""
+    for regex, value in regexes:
+        match = regex.search(text)
+        if match is not None:
+            return value, match
+    return None, None
+
+
 @dataclass(frozen=True)
 class VariableMap:
     """``map $source $name { ... }``: a variable whose value depends on another's.
@@ -101,19 +124,12 @@ class VariableMap:
         """``(value template, regex match or None)`` for a source value."""
         key = source.lower()
         value = self.exact.get(key)
+        if value is None and (self.leading or self.trailing):
+            value = match_wildcards(key, self.leading, self.trailing)
         if value is not None:
             return value, None
-        for suffix, value in self.leading:
-            if key.endswith(suffix) and len(key) > len(suffix):
-                return value, None
-        for prefix, value in self.trailing:
-            if key.startswith(prefix) and len(key) > len(prefix):
-                return value, None
-        for regex, value in self.regexes:
-            match = regex.search(source)
-            if match is not None:
-                return value, match
-        return self.default, None
+        value, match = first_match(self.regexes, source)
+        return (value, match) if match is not None else (self.default, None)
 
     @property
     def references(self) -> frozenset:
