@@ -126,7 +126,12 @@ class Timings:
         q, ring = self.q, self._ring(sid)
         previous = None
         # The oldest slot is the next one overwritten: skip it (it may be mid-write).
-        for number in range(max(0, taken - RING_SAMPLES + 1), taken):
+        # A poll wants the few newest samples: start one before the first it lacks.
+        oldest = max(0, taken - RING_SAMPLES + 1)
+        first = taken - 1                    # the earliest sample after ``since`` ...
+        while first > oldest and q[self.off_samples + (first - 1) % RING_SAMPLES] > since * 1e6:
+            first -= 1
+        for number in range(max(oldest, first - 1), taken):    # ... and the one before
             slot = number % RING_SAMPLES
             at = ring + slot * SAMPLE_WORDS
             sample = (q[self.off_samples + slot], q[at + S_REQUESTS], q[at + S_TUNNELS],
