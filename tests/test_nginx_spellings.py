@@ -200,6 +200,8 @@ def test_map_variable_usable_before_its_definition(tmp_path, maps):
     ("map $b $a { }\nmap $a $b { }\n", 1, "cycle in map variables: $a -> $b -> $a"),
     ("map $uri $a {\n default $a;\n}\n", 1, "cycle in map variables: $a -> $a"),
     ("server {\n map $uri $a { }\n}\n", 2, '"map" directive is not allowed here'),
+    ("map $uri { }\n", 1, 'invalid number of arguments in "map" directive'),
+    ("map $uri $a;\n", 1, 'directive "map" has no opening "{"'),
 ])
 def test_map_errors(tmp_path, text, line, message):
     error = error_of(tmp_path, text)

@@ -43,6 +43,8 @@ def defined_names(map_stmts, captures: frozenset) -> frozenset:
     server_name captures."""
     names = set()
     for stmt in map_stmts:
+        if len(stmt.args) != 2:
+            continue                    # the registry's argument check reports it
         name = map_name(stmt)
         if name in names or name in captures:
             raise stmt.error(f'the duplicate "{name}" variable')
