@@ -34,6 +34,7 @@ setup(
             "websockets>=12",
             "gevent-websocket>=0.10",
             "playwright>=1.40",
+            "prometheus_client>=0.17",   # its text parser checks the /status exposition
         ],
     },
     entry_points={

@@ -4,7 +4,8 @@ One self-contained page (inline CSS and JS, no external assets): the server rend
 current snapshot so the page is useful without JavaScript, then the script re-fetches the
 same URL with ``?format=json`` every two seconds and redraws the tables with DOM text
 nodes (never ``innerHTML``), adding per-second rates from the difference between two
-snapshots.  Everything that comes from the configuration or the segment is escaped:
+snapshots, and draws each server's last five minutes as small SVG charts
+(mplb/charts.py).  Everything that comes from the configuration or the segment is escaped:
 ``html.escape`` here, ``textContent`` in the browser, and the embedded first snapshot has
 ``<``, ``>`` and ``&`` written as JSON escapes so it cannot end its ``<script>`` element.
 """
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import html
 import json
+
+from mplb import charts
 
 REFRESH_MS = 2000
 
@@ -221,6 +224,7 @@ function el(tag, cls, text){
   return n;
 }
 function dash(v){ return (v === null || v === undefined) ? "-" : String(v); }
+%(charts)s
 function bytes(n){
   if (n === null || n === undefined) return "-";
   var units = ["B","KiB","MiB","GiB","TiB"], i = 0;
@@ -307,7 +311,9 @@ function render(data, dt){
     var t = el("table", "servers"); t.appendChild(head(SERVER_COLS));
     var b = el("tbody");
     servers.forEach(function(s){ b.appendChild(serverRow(name, s, dt)); });
-    t.appendChild(b); sec.appendChild(t); frag.appendChild(sec);
+    t.appendChild(b); sec.appendChild(t);
+    sec.appendChild(chartsFor(name, servers));
+    frag.appendChild(sec);
   });
   box.replaceChildren(frag);
   var wb = el("tbody");
@@ -337,6 +343,7 @@ function render(data, dt){
 function jsonUrl(){
   var u = new URL(window.location.href);
   u.searchParams.set("format", "json"); u.hash = "";
+  u.searchParams.set("since", String(sinceParam()));     // only samples we lack
   return u.toString();
 }
 function setLive(cls, text){ var l = $("live"); l.className = cls; $("livetext").textContent = text; }
@@ -346,6 +353,7 @@ function refresh(){
     .then(function(r){ if (!r.ok) throw new Error("HTTP " + r.status); return r.json(); })
     .then(function(data){
       var now = Date.now(), dt = prevAt ? (now - prevAt) / 1000 : 0;
+      absorb(data);
       render(data, dt);
       prev = data; prevAt = now;
       window.mplbRefreshes = (window.mplbRefreshes || 0) + 1;
@@ -364,6 +372,7 @@ $("pause").addEventListener("click", function(){
 });
 try { prev = JSON.parse($("initial").textContent); prevAt = Date.now(); } catch (e) { prev = null; }
 window.mplbRefreshes = 0;
+if (prev) { absorb(prev); render(prev, 0); }         // the charts at once, from the ring
 schedule();
 })();
 """
@@ -373,6 +382,7 @@ def render_html(data) -> str:
     """The whole dashboard page for one snapshot."""
     script = SCRIPT % {
         "refresh": REFRESH_MS,
+        "charts": charts.script(),
         "numeric": json.dumps(sorted(NUMERIC)),
         "server_cols": json.dumps([list(c) for c in SERVER_COLUMNS]),
         "worker_cols": json.dumps([list(c) for c in WORKER_COLUMNS]),
@@ -385,7 +395,8 @@ def render_html(data) -> str:
     return (
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
         "<meta name='viewport' content='width=device-width,initial-scale=1'>"
-        f"<title>mplb status · {_e(data.get('pid'))}</title><style>{CSS}</style></head><body>"
+        f"<title>mplb status · {_e(data.get('pid'))}</title><style>{CSS}{charts.CSS}</style>"
+        "</head><body>"
         "<header><h1>mplb</h1>"
         f"<span class='kv'>master <b id='pid'>{_e(data.get('pid'))}</b></span>"
         f"<span class='kv'>uptime <b id='uptime'>{_e(human_duration(data.get('uptime_s')))}</b></span>"

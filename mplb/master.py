@@ -29,6 +29,7 @@ from mplb.errors import ConfigError, StartupError
 from mplb.listeners import bind_listens
 from mplb.logfiles import AccessLogFiles, reopen_logs
 from mplb.store import follow_config
+from mplb.sampler import Sampler
 
 log = logging.getLogger("mplb.master")
 
@@ -117,6 +118,7 @@ class Master:
         self.reload = None              # a Reload waiting for its new generation
         self.reload_again = False       # HUP arrived during a reload
         self.slots_exhausted = False    # logged once until a slot frees up
+        self.sampler = Sampler()        # the dashboard's once-a-second statistics
 
     @property
     def worker_count(self):
@@ -348,7 +350,7 @@ class Master:
     def run(self):
         """Run until stopped; returns the exit status."""
         try:
-            while not self.run_once(1.0):
+            while not self.run_once(self.sampler.wait()):
                 pass
         finally:
             self.cleanup()
@@ -367,6 +369,7 @@ class Master:
         self.kill_silent_workers()
         self.start_missing_workers()
         self.advance_reload()
+        self.sampler.tick(self.shared)
         return False
 
     def dispatch(self, signum):

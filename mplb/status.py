@@ -3,7 +3,8 @@
 ``collect`` reads the segment into plain data (the JSON shape the README documents);
 ``render`` answers the ``mplb_status`` location with JSON (the default), Prometheus text
 (``?format=prometheus``) or the HTML dashboard (``?format=html``, or a client whose
-``Accept`` asks for ``text/html`` without ``?format=json``).
+``Accept`` asks for ``text/html`` without ``?format=json``).  ``?since=T`` (wall-clock
+seconds) adds each server's samples after T (the dashboard's charts) to the JSON.
 
 The same ``collect`` serves ``mplb-stats`` (mplb/stats_cli.py), which maps the segment
 read-only: nothing here writes to the segment.
@@ -31,11 +32,12 @@ CONTENT_TYPES = {
 
 # -- snapshot ---------------------------------------------------------------------------
 
-def collect(shared, config, now_wall: float = None) -> dict:
+def collect(shared, config, now_wall: float = None, since: float = None) -> dict:
     """A snapshot of the running instance as plain data (the documented shape, plus extras).
 
     ``config`` may be None (a tool without the configuration): servers are then listed
-    by URL from the segment's directory under the upstream name ``null``.
+    by URL from the segment's directory under the upstream name ``null``.  With
+    ``since``, every server carries its ``history`` after that wall-clock time.
     """
     now_wall = time.time() if now_wall is None else now_wall
     now = time.monotonic()
@@ -59,7 +61,8 @@ def collect(shared, config, now_wall: float = None) -> dict:
     }
     tables = persistence_tables(shared, now)
     if config is None:
-        data["servers"] = [server_entry(shared, url, None, now) for url in shared.server_urls()]
+        data["servers"] = [server_entry(shared, url, None, now, since)
+                           for url in shared.server_urls()]
         data["persistence_tables"] = tables
         add_remote_active(data["servers"], shared, data["store"])
         return data
@@ -71,7 +74,7 @@ def collect(shared, config, now_wall: float = None) -> dict:
             "persistence_entries": entries,
             "persistence_capacity": capacity,
             "implicit": bool(getattr(upstream, "implicit", False)),
-            "servers": [server_entry(shared, server.url, server, now)
+            "servers": [server_entry(shared, server.url, server, now, since)
                         for server in upstream.servers],
         }
         add_remote_active(data["upstreams"][name]["servers"], shared, data["store"])
@@ -130,8 +133,9 @@ def persistence_tables(shared, now: float) -> dict:
     return tables
 
 
-def server_entry(shared, url, server, now) -> dict:
-    """One server's row: identity, configured flags, state and summed counters."""
+def server_entry(shared, url, server, now, since=None) -> dict:
+    """One server's row: identity, configured flags, state, summed counters, the count
+    and sum of its histograms, and with ``since`` its recent samples."""
     try:
         state = shared.server_state(url, server, now)
     except KeyError:            # read-only mapping, server never registered
@@ -145,7 +149,23 @@ def server_entry(shared, url, server, now) -> dict:
     else:
         entry = {"server": hostport_of(url), "url": url, "state": state, "weight": None}
     entry.update({field: int(counters[field]) for field in SERVER_FIELDS})
+    for name, key in HISTOGRAM_KEYS:
+        bounds, counts, total = shared.histogram(url, name)
+        entry[key] = {"le": list(bounds), "buckets": counts, "count": sum(counts),
+                      "sum": round(total, 6)}
+    if since is not None:
+        entry["history"] = shared.history(url, since)
     return entry
+
+
+# JSON key of each histogram (mplb.shm.layout.HISTOGRAMS) and its Prometheus family.
+HISTOGRAM_KEYS = (("response", "response_seconds"), ("tunnel", "tunnel_seconds"))
+HISTOGRAM_METRICS = (
+    ("response_seconds", "mplb_upstream_response_seconds",
+     "Time from connecting to the server to its response head."),
+    ("tunnel_seconds", "mplb_tunnel_duration_seconds",
+     "How long WebSocket (upgrade) tunnels to the server lasted, counted when they end."),
+)
 
 
 def hostport_of(url: str) -> str:
@@ -245,6 +265,8 @@ def to_prometheus(data) -> str:
     family("mplb_server_state", "gauge", "The server's state: 1 for the current one.",
            [(dict(upstream=up, server=s["server"], state=state), 1 if s["state"] == state else 0)
             for up, s in rows for state in STATES])
+    for key, metric, help_text in HISTOGRAM_METRICS:
+        out.extend(histogram_lines(metric, help_text, rows, key))
     family("mplb_persistence_entries", "gauge", "Live entries in the upstream's persistence table.",
            [(dict(upstream=name, persistence=info["persistence"]), info["persistence_entries"])
             for name, info in data["upstreams"].items()])
@@ -265,6 +287,25 @@ def to_prometheus(data) -> str:
     return "\n".join(out) + "\n"
 
 
+def histogram_lines(metric, help_text, rows, key) -> list:
+    """One Prometheus histogram family: cumulative ``le`` buckets ending with +Inf, then
+    ``_sum`` and ``_count`` (equal to the +Inf bucket), per server."""
+    out = [f"# HELP {metric} {help_text}", f"# TYPE {metric} histogram"]
+    for upstream, server in rows:
+        histogram = server.get(key)
+        if histogram is None:
+            continue
+        labels = dict(upstream=upstream, server=server["server"])
+        running = 0
+        for bound, count in zip(list(histogram["le"]) + ["+Inf"], histogram["buckets"]):
+            running += count
+            le = bound if bound == "+Inf" else repr(float(bound))
+            out.append(f"{metric}_bucket{_labels(**labels, le=le)} {running}")
+        out.append(f"{metric}_sum{_labels(**labels)} {_number(float(histogram['sum']))}")
+        out.append(f"{metric}_count{_labels(**labels)} {running}")
+    return out
+
+
 # -- the location -----------------------------------------------------------------------
 
 def choose_format(args: str, accept: str) -> str:
@@ -280,13 +321,26 @@ def choose_format(args: str, accept: str) -> str:
     return "json"
 
 
+def history_since(args: str):
+    """``?since=T``: samples after wall-clock T (a bad value means all of them)."""
+    query = parse_qs(args or "", keep_blank_values=True)
+    if "since" not in query:
+        return None
+    try:
+        since = float(query["since"][-1])
+    except ValueError:
+        return 0.0
+    return since if since == since else 0.0          # NaN: all
+
+
 def render(shared, config, request):
     """(status, content type, body) for the mplb_status location."""
     if shared is None:
         return 503, b"text/plain", b"503 statistics unavailable\n"
     try:
         fmt = choose_format(request.args, request.header("accept"))
-        data = collect(shared, config)
+        since = 0.0 if fmt == "html" else history_since(request.args)
+        data = collect(shared, config, since=since)
         if fmt == "prometheus":
             body = to_prometheus(data)
         elif fmt == "html":

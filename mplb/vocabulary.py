@@ -57,3 +57,8 @@ def persistence_syntax() -> str:
 VARIABLES = ("args", "host", "proxy_add_x_forwarded_for", "remote_addr", "remote_port",
              "request_method", "request_uri", "scheme", "server_addr", "server_port", "uri")
 HEADER_VARIABLE_PREFIX = "http_"
+
+# -- nginx's spellings inside upstream ----------------------------------------------------
+# Each names a method or a persistence mode above; nginx allows one of them per upstream.
+NGINX_BALANCING = {"least_conn": "least_connections", "ip_hash": "ip_hash",
+                   "hash": "consistent_hash"}

@@ -2,7 +2,8 @@
 
 Run as ``python tests/backend_server.py --port P --name NAME``.  Endpoints:
 
-- any path: JSON ``{"backend", "method", "path", "headers", "body_len"}``
+- any path: JSON ``{"backend", "method", "path", "query", "target", "headers",
+  "body_len"}`` (``target``: the request target exactly as received)
 - ``/status/NNN``: answers with that status
 - ``/size/N``: N bytes of body (Content-Length)
 - ``/chunked/N``: N bytes in chunks of 1000 (Transfer-Encoding: chunked)
@@ -20,7 +21,9 @@ Run as ``python tests/backend_server.py --port P --name NAME``.  Endpoints:
   path this backend has answered, in order (shows a request served twice)
 - ``/peer``: JSON ``{"backend", "peer_port"}``: the client port of this connection
   (shows whether a proxy reused its upstream connection)
-- WebSocket upgrade on any path: welcome message, then echo (text and binary)
+- WebSocket upgrade on any path: welcome message, then echo (text and binary); the
+  text ``cmd:request`` is answered with JSON ``{"method", "target", "headers"}`` of the
+  upgrade request instead
 """
 import argparse
 import json
@@ -35,6 +38,12 @@ import gevent  # noqa: E402
 from gevent.pywsgi import WSGIServer  # noqa: E402
 from geventwebsocket.handler import WebSocketHandler  # noqa: E402
 from patterns import pattern  # noqa: E402  (run as a script: tests/ is on sys.path)
+
+
+def headers_of(environ) -> dict:
+    """The request's headers, lower case (repeated ones joined by the server)."""
+    return {key[5:].replace("_", "-").lower(): value
+            for key, value in environ.items() if key.startswith("HTTP_")}
 
 
 def make_app(name):
@@ -89,11 +98,10 @@ def make_app(name):
                                       ("Content-Type", "application/json"),
                                       ("X-Backend", name)])
             return [json.dumps({"backend": name}).encode()]
-        headers = {key[5:].replace("_", "-").lower(): value
-                   for key, value in environ.items() if key.startswith("HTTP_")}
         payload = json.dumps({"backend": name, "method": environ["REQUEST_METHOD"],
                               "path": path, "query": environ.get("QUERY_STRING", ""),
-                              "headers": headers, "body_len": len(body)}).encode()
+                              "target": environ.get("mplb.target"),
+                              "headers": headers_of(environ), "body_len": len(body)}).encode()
         start_response("200 OK", [("Content-Type", "application/json"),
                                   ("Content-Length", str(len(payload))), ("X-Backend", name)])
         return [payload]
@@ -104,6 +112,11 @@ def make_app(name):
             message = ws.receive()
             if message is None:
                 break
+            if message == "cmd:request":
+                ws.send(json.dumps({"method": environ["REQUEST_METHOD"],
+                                    "target": environ.get("mplb.target"),
+                                    "headers": headers_of(environ)}))
+                continue
             ws.send(message, binary=isinstance(message, (bytes, bytearray)))
         return []
 
@@ -112,6 +125,11 @@ def make_app(name):
 
 class RawHandler(WebSocketHandler):
     """Adds the misbehaving endpoints that need the raw socket."""
+
+    def get_environ(self):
+        environ = super().get_environ()
+        environ["mplb.target"] = self.path           # the request target as received
+        return environ
 
     def handle_one_response(self):
         if self.path == "/truncate":

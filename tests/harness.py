@@ -520,7 +520,7 @@ class RawWebSocket:
     """
 
     def __init__(self, port, path="/ws", host="127.0.0.1", timeout=10.0, ssl_context=None,
-                 headers=(), early=b""):
+                 headers=(), early=b"", host_header=None):
         import base64
         sock = socket.create_connection((host, port), timeout=timeout)
         if ssl_context is not None:
@@ -528,8 +528,9 @@ class RawWebSocket:
         self.sock = sock
         self.buffer = b""
         self.eof = False
-        key = base64.b64encode(os.urandom(16)).decode()
-        head = (f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+        key = self.key = base64.b64encode(os.urandom(16)).decode()
+        host_header = host_header or f"{host}:{port}"
+        head = (f"GET {path} HTTP/1.1\r\nHost: {host_header}\r\nUpgrade: websocket\r\n"
                 f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
                 f"Sec-WebSocket-Version: 13\r\n")
         head += "".join(f"{name}: {value}\r\n" for name, value in headers)

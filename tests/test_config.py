@@ -338,13 +338,15 @@ def test_every_spec_directive_is_supported():
 
 @pytest.mark.parametrize("text, line, message", [
     ("server {\n location / { return 301; }\n}\n", 2, '"return 301" needs a URL'),
-    ("server {\n location / { return 200 $uri; }\n}\n", 2, "is not supported yet"),
+    ("server {\n location / { return 200 $nosuch; }\n}\n", 2, 'unknown "nosuch" variable'),
     ("server {\n location / { proxy_pass https://127.0.0.1:1; }\n}\n", 2,
      "is not supported yet"),
     ("server {\n location / { proxy_pass 127.0.0.1:1; }\n}\n", 2, "invalid URL prefix"),
     ("server {\n location @named { }\n}\n", 2, "named location is not supported yet"),
-    ("server {\n server_name ~^www;\n}\n", 2, "is not supported yet"),
-    ("server {\n listen 8080 reuseport;\n}\n", 2, 'invalid parameter "reuseport"'),
+    ("server {\n server_name \"~^(www\";\n}\n", 2, "invalid regular expression"),
+    ("server {\n listen 8080 proxy_protocol;\n}\n", 2,
+     'the "proxy_protocol" parameter of "listen" is not supported'),
+    ("server {\n listen 8080 bogus;\n}\n", 2, 'invalid parameter "bogus"'),
     ("upstream u {\n server http://127.0.0.1:1/path;\n}\n", 2, "has no path"),
     ("upstream u {\n server http://127.0.0.1:1;\n persistence cookie name=a;\n"
      " persistence none;\n}\n", 4, '"persistence" directive is duplicate'),

@@ -140,8 +140,9 @@ def test_user_is_ignored_with_one_warning_when_the_master_is_not_root(tmp_path, 
     path = write_conf(tmp_path, "user no_such_mplb_user;")     # not even looked up
     config = load(path)
     assert config.user is None
-    assert config.warnings == (f'{path}:2: the "user" directive makes sense only if the '
-                               f"master process runs as root; ignored",)
+    assert [str(warning) for warning in config.warnings] == [
+        f'{path}:2: the "user" directive makes sense only if the master process runs as '
+        f"root; ignored"]
     assert cli.main(["-t", "-conf", path]) == 0
     err = capsys.readouterr().err
     assert err.count("[warn]") == 1 and f"[warn] {path}:2: the \"user\" directive" in err

@@ -167,6 +167,9 @@ def parse_prometheus(text):
         key = (name, labels)
         assert key not in samples, f"line {number}: duplicate sample {line!r}"
         family = name
+        for suffix in ("_bucket", "_sum", "_count"):    # a histogram's series interleave
+            if name.endswith(suffix) and types.get(name[:-len(suffix)]) == "histogram":
+                family = name[:-len(suffix)]
         if family != current:                    # a family's samples are contiguous
             assert family not in seen_families, f"line {number}: {family} split up"
             seen_families.append(family)

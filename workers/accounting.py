@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import logging
 import time
+from bisect import bisect_left
 
-from mplb.shm.layout import W_CONNECTIONS
+from mplb.shm.layout import RESPONSE_BUCKETS, TUNNEL_BUCKETS, W_CONNECTIONS
 from mplb.workers.accesslog import AccessLog
 
 log = logging.getLogger("mplb.worker")
+
+# A histogram's sum word (microseconds) follows its +Inf bucket (mplb.shm.layout).
+RESPONSE_SUM = len(RESPONSE_BUCKETS) + 1
 
 
 class Accounting:
@@ -24,6 +28,7 @@ class Accounting:
         self.access_log = AccessLog(access_log_fd)
         self.logging = self.access_log.enabled      # callers may skip log_access when off
         self._exchange_words = {}     # server url -> its words (see count_exchange)
+        self._tunnel_words = {}       # server url -> its first tunnel-duration bucket
         # This worker's connection count, one word written on every accept and close.
         self._q = shared.q if shared is not None else [0]
         self._connections = (shared.worker_word(slot, W_CONNECTIONS)
@@ -37,21 +42,35 @@ class Accounting:
         self._q[self._connections] -= 1
 
     # -- requests ----------------------------------------------------------------------
-    def count_exchange(self, server, sent_upstream, received_upstream) -> None:
-        """One request to ``server`` and its bytes both ways."""
+    def count_exchange(self, server, sent_upstream, received_upstream,
+                       head_seconds=None) -> None:
+        """One request to ``server``, its bytes both ways and, when a response head came,
+        how long after connecting it came (the response-time histogram)."""
         shared = self.shared
         if shared is None:
             return
-        words = self._exchange_words.get(server.url)
-        if words is None:
-            words = self._exchange_words[server.url] = shared.exchange_words(self.slot,
-                                                                             server.url)
-        requests, bytes_in, bytes_out, worker_requests = words
+        words = self._exchange_words.get(server.url) or self._words(server.url)
+        requests, bytes_in, bytes_out, worker_requests, response, response_sum = words
         q = shared.q
         q[requests] += 1
         q[bytes_in] += received_upstream
         q[bytes_out] += sent_upstream
         q[worker_requests] += 1
+        if head_seconds is not None:         # inline: this is every request's path
+            q[response + bisect_left(RESPONSE_BUCKETS, head_seconds)] += 1
+            q[response_sum] += int(head_seconds * 1e6)
+
+    def _words(self, url) -> tuple:
+        """The words of ``url`` (shm.exchange_words) and its response-time sum word."""
+        words = self.shared.exchange_words(self.slot, url)
+        words = self._exchange_words[url] = words + (words[4] + RESPONSE_SUM,)
+        return words
+
+    def response_timed(self, server, head_seconds) -> None:
+        """The response head of an upgrade (a 101) came ``head_seconds`` after connecting."""
+        if self.shared is not None:
+            words = self._exchange_words.get(server.url) or self._words(server.url)
+            _observe(self.shared.q, words[4], RESPONSE_BUCKETS, head_seconds)
 
     def log_access(self, conn, request, status, sent, exchange, response) -> None:
         if self.access_log.enabled:
@@ -85,6 +104,8 @@ class Accounting:
             self.shared.tunnel_closed(self.slot, server.url)
             # shm counts bytes from the server as "in": the client's bytes go out.
             self.shared.add_bytes(self.slot, server.url, tunnel_out, tunnel_in)
+            if reason != "handover":         # the tunnel goes on in another worker
+                self._time_tunnel(server.url, time.monotonic() - record.opened)
         if reason == "handover":
             log.debug("tunnel client=%s:%s server=%s handed over", *record.client,
                       server.hostport)
@@ -95,3 +116,17 @@ class Accounting:
             self.access_log.tunnel_line(record, server, time.monotonic() - record.opened,
                                         record.bytes_in + tunnel_in,
                                         record.bytes_out + tunnel_out)
+
+    def _time_tunnel(self, url, seconds) -> None:
+        """A tunnel's whole life (opened at the upgrade, whichever worker held it)."""
+        first = self._tunnel_words.get(url)
+        if first is None:
+            first = self._tunnel_words[url] = self.shared.histogram_word(self.slot, url,
+                                                                         "tunnel")
+        _observe(self.shared.q, first, TUNNEL_BUCKETS, max(0.0, seconds))
+
+
+def _observe(q, first, bounds, seconds) -> None:
+    """One observation: its bucket, and the sum word after the +Inf bucket."""
+    q[first + bisect_left(bounds, seconds)] += 1
+    q[first + len(bounds) + 1] += int(seconds * 1e6)

@@ -161,6 +161,7 @@ class Lane:
         exchange.tried.add(pick.index)
         server = pick.server
         framing = exchange.framing
+        exchange.opened_at = _monotonic()      # the response-time histogram starts here
         pooled = self.worker.pool.take(server, verify=bool(framing))
         if pooled is None:                 # no idle connection: connect in the greenlet
             return self.escalate(lambda: self.conn.finish_in_greenlet(request, pick=pick))
@@ -223,6 +224,8 @@ class Lane:
                 return self.upstream_in_greenlet(UpstreamFailed(
                     502, "upstream sent too big header"))
             return
+        exchange = self.exchange
+        exchange.head_seconds = _monotonic() - exchange.opened_at
         self.head_arrived(response)
 
     def head_arrived(self, response):

@@ -5,6 +5,7 @@ connection feeds them the request's body and asks them to finish.
 """
 from __future__ import annotations
 
+from mplb.workers.headers import header_bytes
 from mplb.workers.responses import local_response, redirect_response
 
 # Errors after which the connection's framing cannot be trusted: answer and close.
@@ -31,10 +32,12 @@ class LocalAnswer:
         head_only = request.method == "HEAD"
         location = self.location
         if location is not None and self.status in REDIRECTS:
-            data = redirect_response(self.status, location.return_text,
+            url = return_text(conn, request, location)
+            data = redirect_response(self.status, header_bytes(url),
                                      keep_alive=keep_alive, head_only=head_only)
         elif location is not None:
-            body = location.return_text.encode() if location.return_text else None
+            text = return_text(conn, request, location)
+            body = text.encode() if text else None
             data = local_response(self.status, body, keep_alive=keep_alive, head_only=head_only)
         else:
             data = local_response(self.status, keep_alive=keep_alive, head_only=head_only)
@@ -44,6 +47,14 @@ class LocalAnswer:
 
     def abort(self):
         pass
+
+
+def return_text(conn, request, location) -> str:
+    """The text or URL of ``return``, its variables filled in for this request."""
+    value = location.return_value
+    if value is None:
+        return location.return_text
+    return conn.worker.variables.compiled(value.parts)(request)
 
 
 class StatusAnswer(LocalAnswer):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 
 from httptools import HttpParserError, HttpParserUpgrade
 
@@ -30,6 +31,7 @@ MAX_RESPONSE_HEAD = 65536
 _HEAD_BUFFER = bytearray(65536)
 _HEAD_VIEW = memoryview(_HEAD_BUFFER)
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+_monotonic = time.monotonic
 
 
 class ClientGone(Exception):
@@ -60,6 +62,8 @@ class UpstreamExchange:
     bytes_in = 0
     bytes_out = 0
     last_server = None
+    opened_at = 0.0              # when the connection to the current pick began
+    head_seconds = None          # connect start -> response head (the histogram)
 
     def __init__(self, conn, request, location, worker, connect=True):
         """Prepare the exchange; with ``connect``, pick, connect and send the head now
@@ -124,6 +128,8 @@ class UpstreamExchange:
         worker = self.worker
         server = pick.server
         head = self.plan.render(self.request, server, self.framing)
+        self.opened_at = _monotonic()
+        self.head_seconds = None
         for _ in range(2):
             sock, reused, reader = worker.pool.acquire(
                 server, self.settings.proxy_connect_timeout, verify=bool(self.framing))
@@ -261,7 +267,11 @@ class UpstreamExchange:
                 raise UpstreamFailed(502, "upstream sent too big header")
 
     def _relay(self, request, force_close, head=None) -> bool:
-        response, received = head or self._read_head_fresh(request)[:2]
+        if head is None:
+            response, received = self._read_head_fresh(request)[:2]
+            self.head_seconds = _monotonic() - self.opened_at
+        else:
+            response, received = head              # timed where it was read
         status = response.status
         if status == 101:
             # Only finish_upgrade may relay a 101; here it would desynchronise the
@@ -444,7 +454,7 @@ class UpstreamExchange:
 
     def _done(self, request, response, keep_client, sent) -> bool:
         reusable = (response.keep_alive and response.complete and self.plan.keepalive
-                    and self.upstream.keepalive > 0)
+                    and self.upstream.keepalive > 0 and not request.upstream_close)
         self._release(failed=False, reusable=reusable)
         accounting = self.worker.accounting
         if accounting.logging:
@@ -466,7 +476,8 @@ class UpstreamExchange:
         if pick is not None:
             self.pick = None
             self.balancer.free(pick, failed)
-            self.worker.accounting.count_exchange(pick.server, self.bytes_in, self.bytes_out)
+            self.worker.accounting.count_exchange(pick.server, self.bytes_in, self.bytes_out,
+                                                  self.head_seconds)
             self.last_server = pick.server
 
     def abort(self):
@@ -493,9 +504,11 @@ class UpstreamExchange:
                 if exc.retryable and self._may_retry(request, exc):
                     self.failure = None
                     self.connect_and_send()
+        self.head_seconds = _monotonic() - self.opened_at
         if backend_pending is None or response.status != 101:
             return False, self._relay_body(request, response, received, False)
         pick = self.pick
+        worker.accounting.response_timed(pick.server, self.head_seconds)
         extra = self.balancer.response_headers(pick, request, response.headers)
         head = render_response_head(response, b"", extra, None, upgrade=True)
         self._send_client(head)

@@ -59,6 +59,8 @@ class Request:
     connection_named = None      # extra hop-by-hop names from Connection
     host_value = None            # the Host header as received
     forwarded_for = None         # X-Forwarded-For as received (joined if repeated)
+    derived = None               # map and capture variables computed so far (workers.variables)
+    upstream_close = False       # the upstream head said Connection: close (workers.headers)
     _by_name = None
     _path = None
     _args = None
@@ -155,7 +157,9 @@ class Request:
             return getter(self)
         if name.startswith("http_"):
             return self.header(name[5:].replace("_", "-")) or ""
-        return ""
+        # map variables and server_name captures (workers.variables)
+        variables = getattr(getattr(self.conn, "worker", None), "variables", None)
+        return variables.value(self, name) if variables is not None else ""
 
 
 def _forwarded_for(request):

@@ -32,9 +32,11 @@ def local_response(status: int, body: bytes = None, *, keep_alive: bool,
     return b"".join(lines)
 
 
-def redirect_response(status: int, location: str, *, keep_alive: bool, head_only=False) -> bytes:
+def redirect_response(status: int, location: bytes, *, keep_alive: bool,
+                      head_only=False) -> bytes:
+    """``location``: the header value, already free of CR, LF and NUL."""
     body = f"{status} {reason_phrase(status)}\n".encode()
-    extra = [b"Location: ", location.encode("latin-1", "replace"), b"\r\n"]
+    extra = [b"Location: ", location, b"\r\n"]
     return local_response(status, body, keep_alive=keep_alive, extra=extra, head_only=head_only)
 
 

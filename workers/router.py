@@ -5,8 +5,9 @@ dict lookup or two and, only when the configuration has regex locations, a regex
 """
 from __future__ import annotations
 
-import re
 from typing import Optional
+
+from mplb.config.model import first_match, match_wildcards
 
 
 class ServerNameTable:
@@ -29,14 +30,13 @@ class ServerNameTable:
                     self.default = vserver
             for name in vserver.server_names:
                 self._add_name(name, vserver)
+            self.regexes.extend((regex, vserver) for regex in vserver.name_regexes)
         self.leading.sort(key=lambda item: -len(item[0]))
         self.trailing.sort(key=lambda item: -len(item[0]))
         self._cache = {}
 
     def _add_name(self, name, vserver):
-        if name.startswith("~"):
-            self.regexes.append((re.compile(name[1:]), vserver))
-        elif name.startswith("*."):
+        if name.startswith("*."):
             self.leading.append((name[1:], vserver))
         elif name.startswith("."):
             # '.example.com' matches example.com and *.example.com (nginx)
@@ -61,16 +61,28 @@ class ServerNameTable:
         return vserver
 
     def _select_slow(self, host):
-        for suffix, vserver in self.leading:
-            if host.endswith(suffix) and len(host) > len(suffix):
-                return vserver
-        for prefix, vserver in self.trailing:
-            if host.startswith(prefix) and len(host) > len(prefix):
-                return vserver
-        for regex, vserver in self.regexes:
-            if regex.search(host):
-                return vserver
-        return self.default
+        return self._select_named(host)[0]
+
+    def _select_named(self, host):
+        """(vserver, the regex match that chose it or None), past the exact names."""
+        vserver = match_wildcards(host, self.leading, self.trailing)
+        if vserver is not None:
+            return vserver, None
+        vserver, match = first_match(self.regexes, host)
+        return (vserver, match) if match is not None else (self.default, None)
+
+    def capture(self, host: str, name: str) -> str:
+        """``$name`` from the server_name regex that chose this host's server ("" when
+        an exact or wildcard name chose it, or that regex has no such group)."""
+        if not self.regexes or host in self.exact:
+            return ""
+        _, match = self._select_named(host)
+        if match is None:
+            return ""
+        for group, index in match.re.groupindex.items():
+            if group.lower() == name:
+                return match.group(index) or ""
+        return ""
 
 
 class LocationTable:
@@ -121,6 +133,16 @@ class LocationTable:
         return best
 
 
+class Answer:
+    """A server-level ``return``: every URI gets it (nginx runs it before locations)."""
+
+    def __init__(self, location):
+        self.location = location
+
+    def match(self, uri: str):
+        return self.location
+
+
 class Router:
     """Per-listen-socket routing tables built once from the Config."""
 
@@ -130,7 +152,13 @@ class Router:
             for listen in vserver.listens:
                 by_listen.setdefault(listen.key, []).append(vserver)
         self.names = {key: ServerNameTable(vservers, key) for key, vservers in by_listen.items()}
-        self.locations = {id(vserver): LocationTable(vserver.locations) for vserver in config.servers}
+        self.locations = {id(vserver): (LocationTable(vserver.locations)
+                                        if vserver.answer is None else Answer(vserver.answer))
+                          for vserver in config.servers}
+
+    def capture(self, listen_key, host: str, name: str) -> str:
+        """A named capture of the server_name regex that selected the request's server."""
+        return self.names[listen_key].capture(host, name)
 
     def route(self, listen_key, host: str, uri: str):
         """Return (vserver, location or None)."""

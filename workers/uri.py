@@ -1,4 +1,6 @@
-"""URI normalisation for location matching ($uri), as nginx does it."""
+"""URI normalisation for location matching ($uri), and escaping again, as nginx does."""
+
+import re
 
 
 def normalize_path(path: str) -> str:
@@ -23,3 +25,17 @@ def normalize_path(path: str) -> str:
     if path.endswith(("/", "/.", "/..")) and normalized != "/":
         normalized += "/"
     return normalized
+
+
+# What nginx escapes again in a URI it sends upstream (ngx_escape_uri, NGX_ESCAPE_URI):
+# space, '#', '%', '?', control characters and everything beyond ASCII.
+_UNSAFE = re.compile(r"[\x00-\x20#%?\x7f-\U0010ffff]")
+
+
+def _percent(match) -> str:
+    return "".join(f"%{byte:02X}" for byte in match.group(0).encode("utf-8"))
+
+
+def escape_path(path: str) -> str:
+    """A decoded path made safe for a request line again, as nginx escapes it."""
+    return _UNSAFE.sub(_percent, path)

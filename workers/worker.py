@@ -6,6 +6,7 @@ and is all a ClientConnection and an UpstreamExchange may use:
 - ``config``, ``router``, ``balancers`` (by upstream name), ``pool`` (upstream
   keep-alive connections), ``tls`` (server SSL contexts by listen), ``stopping`` and
   ``handing_over`` (retiring with a newer generation to take its connections);
+- ``variables``: every variable as a function of the request (workers.variables);
 - ``default_settings(listen)`` / ``default_limits(listen)``: what applies before routing;
 - ``proxying(location)``: a proxying location's compiled upstream request head, its
   upstream and its balancer;
@@ -26,6 +27,7 @@ from mplb.workers.process import Lifecycle
 from mplb.workers.router import Router
 from mplb.workers.tunnelbook import TunnelBook
 from mplb.workers.upstream import UpstreamPool
+from mplb.workers.variables import VariableTable
 
 RELAY_BUFFER_SIZE = 65536
 SPARE_BUFFERS = 64
@@ -39,6 +41,7 @@ class Worker:
         self.config = config = ctx.config
         self.shared = ctx.shared
         self.router = Router(config)
+        self.variables = VariableTable(config, self.router)
         self.pool = UpstreamPool()
         self.stopping = False
         self.handing_over = False
@@ -74,9 +77,9 @@ class Worker:
         found = self._plans.get(id(location))
         if found is None:
             name = location.upstream
-            found = self._plans[id(location)] = (HeadPlan(location.settings),
-                                                 self.config.upstreams[name],
-                                                 self.balancers[name])
+            found = self._plans[id(location)] = (
+                HeadPlan(location.settings, location, self.variables),
+                self.config.upstreams[name], self.balancers[name])
         return found
 
     def take_buffer(self):

@@ -16,25 +16,31 @@ from types import MappingProxyType
 import crossplane
 
 from mplb import privileges
-from mplb.config import registry
-from mplb.config.handlers import Scope, make_server
+from mplb.config import nginx, registry
+from mplb.config.handlers import Scope, make_server, server_name_regex
+from mplb.config.maps import build_maps, defined_names
 from mplb.config.model import (
     Config, ErrorLog, Listen, Location, Persistence, ProxySettings, Upstream, VirtualServer,
-    WorkerUser,
+    ConfigWarning, WorkerUser,
 )
 from mplb.config.registry import EVENTS, LOCATION, MAIN, SERVER, UPSTREAM
-from mplb.config.values import Stmt
+from mplb.config.values import Stmt, to_regex
 from mplb.errors import ConfigError
 
 MODIFIERS = ("=", "^~", "~*", "~")   # '~*' before '~' for the glued form '~*\.php$'
+MIME_TYPES_IGNORED = "mime.types is ignored"     # marks a missing include mime.types
 
 
 def parse_tree(path: str) -> list:
     """Run crossplane and return the main file's statements with includes inlined."""
     payload = crossplane.parse(path, check_ctx=False, check_args=False, comments=False,
                                single=False, onerror=_crossplane_message)
-    if payload["errors"]:
-        first = payload["errors"][0]
+    # include mime.types is never read: its absence or content is not an error here.
+    errors = [error for error in payload["errors"]
+              if error.get("callback") != MIME_TYPES_IGNORED
+              and not nginx.is_mime_types(error["file"])]
+    if errors:
+        first = errors[0]
         raise ConfigError(first.get("callback") or first["error"], first["file"],
                           first.get("line"))
     configs = payload["config"]
@@ -44,6 +50,8 @@ def parse_tree(path: str) -> list:
 def _crossplane_message(exc: Exception) -> str:
     """nginx-like text for crossplane's exceptions (which append ' in FILE:LINE')."""
     if isinstance(exc, OSError) and exc.filename:
+        if nginx.is_mime_types(exc.filename):
+            return MIME_TYPES_IGNORED          # a warning at the include, not an error
         return f'open() "{exc.filename}" failed ({exc.errno}: {exc.strerror})'
     if isinstance(exc, IndexError):
         return 'invalid number of arguments in "include" directive'
@@ -53,6 +61,10 @@ def _crossplane_message(exc: Exception) -> str:
 def _to_stmts(configs, parsed, file, stack) -> list:
     stmts = []
     for raw in parsed:
+        if raw["directive"] == "include" and raw["args"] and nginx.is_mime_types(raw["args"][0]):
+            # MIME types mean nothing here: one warning at the include, its content unread.
+            stmts.append(Stmt("include", list(raw["args"]), file, raw["line"]))
+            continue
         if raw["directive"] == "include" and "includes" in raw:
             for index in raw["includes"]:
                 if index in stack:
@@ -69,13 +81,16 @@ def _to_stmts(configs, parsed, file, stack) -> list:
     return stmts
 
 
-def check_stmt(stmt: Stmt, context: str, seen: set) -> registry.Directive:
-    """Apply the registry's generic rules; return the entry that governs this statement."""
-    if not registry.is_known(stmt.name):
-        raise stmt.error(f'unknown directive "{stmt.name}"')
+def check_stmt(stmt: Stmt, context: str, seen: set, scope: Scope):
+    """Apply the registry's generic rules; return the entry that governs this statement,
+    or None for an nginx directive that is ignored (with a warning on ``scope``)."""
+    if stmt.name == "include":           # only "include mime.types" is left as a statement
+        scope.warn(stmt, f'"include {stmt.args[0]}" is ignored: MIME types apply to files '
+                         "nginx serves; mplb serves no files")
+        return None
     entry = registry.lookup(stmt.name, context)
     if entry is None:
-        raise stmt.error(f'"{stmt.name}" directive is not allowed here')
+        return check_nginx_directive(stmt, context, scope)
     if not entry.supported:
         raise stmt.error(f'"{stmt.name}" directive is not supported yet')
     if entry.block and stmt.block is None:
@@ -91,12 +106,29 @@ def check_stmt(stmt: Stmt, context: str, seen: set) -> registry.Directive:
     return entry
 
 
+def check_nginx_directive(stmt: Stmt, context: str, scope: Scope) -> None:
+    """A directive the registry does not allow here: an nginx one mplb ignores (warning)
+    or refuses (error), else unknown or misplaced."""
+    foreign = nginx.lookup(stmt.name, context)
+    if foreign is None:
+        if registry.is_known(stmt.name) or nginx.is_known(stmt.name):
+            raise stmt.error(f'"{stmt.name}" directive is not allowed here')
+        raise stmt.error(f'unknown directive "{stmt.name}"')
+    ignored, why = foreign.decide(stmt.args)
+    if not ignored:
+        raise stmt.error(f'"{stmt.name}" directive is not supported: {why}')
+    scope.warn(stmt, f'"{stmt.name}" is ignored: {why}')
+    return None
+
+
 def apply_block(stmts, context: str, scope: Scope, seen=None) -> list:
     """Check and handle the leaf directives of one block; return its child blocks."""
     seen = set() if seen is None else seen
     blocks = []
     for stmt in stmts:
-        entry = check_stmt(stmt, context, seen)
+        entry = check_stmt(stmt, context, seen, scope)
+        if entry is None:
+            continue
         if entry.block:
             blocks.append(stmt)
         else:
@@ -104,16 +136,16 @@ def apply_block(stmts, context: str, scope: Scope, seen=None) -> list:
     return blocks
 
 
-def flatten_main(stmts, seen: set, inside_http: bool = False) -> list:
+def flatten_main(stmts, seen: set, scope: Scope, inside_http: bool = False) -> list:
     """Unwrap ``http { }`` and ``events { }`` into (statement, context) pairs at main level."""
     flat = []
     for stmt in stmts:
         if stmt.name in ("http", "events"):
             if inside_http:
                 raise stmt.error(f'"{stmt.name}" directive is not allowed here')
-            check_stmt(stmt, MAIN, seen)
+            check_stmt(stmt, MAIN, seen, scope)
             if stmt.name == "http":
-                flat.extend(flatten_main(stmt.block, seen, inside_http=True))
+                flat.extend(flatten_main(stmt.block, seen, scope, inside_http=True))
             else:
                 flat.extend((child, EVENTS) for child in stmt.block)
         else:
@@ -138,16 +170,24 @@ def build_config(path: str) -> Config:
     base_dir = os.path.dirname(os.path.abspath(path))
     main = Scope(MAIN, base_dir)
     seen = set()
+    flat = flatten_main(tree, seen, main)
+    # Every variable the file defines is known before any directive reads one.
+    captures = capture_names(stmt for stmt, context in flat if stmt.name == "server")
+    map_stmts = [stmt for stmt, context in flat if stmt.name == "map" and context == MAIN]
+    main.variables = defined_names(map_stmts, captures) | captures
     blocks = []
-    for stmt, context in flatten_main(tree, seen):
-        entry = check_stmt(stmt, context, seen)
+    for stmt, context in flat:
+        entry = check_stmt(stmt, context, seen, main)
+        if entry is None:
+            continue
         if entry.block:
             blocks.append(stmt)
         else:
             entry.handler(stmt, main)
+    maps = build_maps([stmt for stmt in blocks if stmt.name == "map"], main.variables)
     upstream_stmts = [stmt for stmt in blocks if stmt.name == "upstream"]
     server_stmts = [stmt for stmt in blocks if stmt.name == "server"]
-    upstreams = build_upstreams(upstream_stmts, base_dir)
+    upstreams = build_upstreams(upstream_stmts, main)
     implicit = {}
     servers = tuple(build_server(stmt, main, upstreams, implicit) for stmt in server_stmts)
     check_listens(servers)
@@ -158,7 +198,7 @@ def build_config(path: str) -> Config:
         upstreams = {name: dataclasses.replace(upstream, cluster_key=store.key)
                      for name, upstream in upstreams.items()}
     log_path, log_level = values.get("error_log", (None, "info"))
-    user, warnings = build_user(values.get("user"), path)
+    user, user_warnings = build_user(values.get("user"), path)
     return Config(
         path=path,
         worker_processes=values.get("worker_processes", os.cpu_count() or 1),
@@ -168,20 +208,35 @@ def build_config(path: str) -> Config:
         error_log=ErrorLog(path=log_path, level=log_level),
         access_log=values.get("access_log"),
         user=user,
-        warnings=warnings,
         shared_store=store,
         upstreams=MappingProxyType(upstreams),
         servers=servers,
+        maps=MappingProxyType(maps),
+        capture_names=captures,
+        warnings=tuple(main.warnings) + user_warnings,
     )
 
 
-def build_upstreams(stmts, base_dir: str) -> dict:
+def capture_names(server_stmts) -> frozenset:
+    """Named captures of every ``server_name ~regex``: variables, as in nginx."""
+    names = set()
+    for server in server_stmts:
+        for stmt in server.block or ():
+            if stmt.name == "server_name":
+                for name in stmt.args:
+                    if name.startswith("~"):
+                        names.update(key.lower() for key in
+                                     server_name_regex(stmt, name).groupindex)
+    return frozenset(names)
+
+
+def build_upstreams(stmts, main: Scope) -> dict:
     upstreams = {}
     for stmt in stmts:
         name = stmt.args[0]
         if name in upstreams:
             raise stmt.error(f'duplicate upstream "{name}"')
-        scope = Scope(UPSTREAM, base_dir)
+        scope = main.child(UPSTREAM)
         apply_block(stmt.block, UPSTREAM, scope)
         values = scope.values
         if not values.get("servers"):
@@ -199,7 +254,7 @@ def build_upstreams(stmts, base_dir: str) -> dict:
 
 
 def build_server(stmt: Stmt, main: Scope, upstreams: dict, implicit: dict) -> VirtualServer:
-    scope = Scope(SERVER, main.base_dir)
+    scope = main.child(SERVER)
     location_stmts = apply_block(stmt.block, SERVER, scope)
     settings = effective(main.settings, scope.settings)
     listens = scope.values.get("listens") or [Listen("0.0.0.0", 80, file=stmt.file,
@@ -208,16 +263,25 @@ def build_server(stmt: Stmt, main: Scope, upstreams: dict, implicit: dict) -> Vi
     locations = []
     seen_patterns = {}
     for location_stmt in location_stmts:
-        location = build_location(location_stmt, settings, main.base_dir, upstreams, implicit)
+        location = build_location(location_stmt, settings, scope, upstreams, implicit)
         if location.modifier not in ("~", "~*"):
             kind = "=" if location.modifier == "=" else "prefix"
             if (kind, location.pattern) in seen_patterns:
                 raise location_stmt.error(f'duplicate location "{location.pattern}"')
             seen_patterns[(kind, location.pattern)] = location
         locations.append(location)
+    answer = None
+    if "return" in scope.values:
+        # nginx runs a server-level return before choosing a location.
+        code, text, value = scope.values["return"]
+        answer = Location(modifier="", pattern="", settings=freeze_settings(settings),
+                          return_code=code, return_text=text, return_value=value,
+                          file=stmt.file, line=stmt.line)
     return VirtualServer(
+        answer=answer,
         listens=tuple(listens),
         server_names=tuple(scope.values.get("server_names", ())),
+        name_regexes=tuple(scope.values.get("name_regexes", ())),
         locations=tuple(locations),
         settings=freeze_settings(settings),
         ssl_certificate=cert, ssl_certificate_key=key, ssl_context=context,
@@ -262,8 +326,8 @@ def build_user(stmt, path: str):
     if not privileges.running_as_root():
         if stmt is None:
             return None, ()
-        return None, (f'{stmt.file}:{stmt.line}: the "user" directive makes sense only if '
-                      f"the master process runs as root; ignored",)
+        return None, (ConfigWarning('the "user" directive makes sense only if the master '
+                                    'process runs as root; ignored', stmt.file, stmt.line),)
     name = stmt.args[0] if stmt is not None else privileges.DEFAULT_USER
     group = stmt.args[1] if stmt is not None and len(stmt.args) > 1 else None
     try:
@@ -294,16 +358,13 @@ def parse_location_args(stmt: Stmt):
     return modifier, pattern
 
 
-def build_location(stmt: Stmt, server_settings: dict, base_dir: str, upstreams: dict,
+def build_location(stmt: Stmt, server_settings: dict, server: Scope, upstreams: dict,
                    implicit: dict) -> Location:
     modifier, pattern = parse_location_args(stmt)
     regex = None
     if modifier in ("~", "~*"):
-        try:
-            regex = re.compile(pattern, re.IGNORECASE if modifier == "~*" else 0)
-        except re.error as exc:
-            raise stmt.error(f'invalid regular expression "{pattern}": {exc}') from None
-    scope = Scope(LOCATION, base_dir)
+        regex = to_regex(stmt, pattern, re.IGNORECASE if modifier == "~*" else 0)
+    scope = server.child(LOCATION)
     nested = apply_block(stmt.block, LOCATION, scope)
     if nested:
         raise nested[0].unsupported('a "location" inside a location')
@@ -312,21 +373,26 @@ def build_location(stmt: Stmt, server_settings: dict, base_dir: str, upstreams: 
     if len(actions) > 1:
         raise stmt.error('only one of "proxy_pass", "return" and "mplb_status" may be used '
                          "in a location")
-    upstream = None
+    upstream = proxy_uri = None
     if "proxy_pass" in values:
         upstream = resolve_proxy_pass(values["proxy_pass"], upstreams, implicit)
-    code, text = values.get("return", (None, ""))
+        proxy_uri = values["proxy_pass"][4]
+        if proxy_uri is not None and regex is not None:
+            raise values["proxy_pass"][3].error(
+                '"proxy_pass" cannot have URI part in location given by regular expression')
+    code, text, value = values.get("return", (None, "", None))
     return Location(
         modifier=modifier, pattern=pattern,
         settings=freeze_settings(effective(server_settings, scope.settings)),
-        regex=regex, upstream=upstream, return_code=code, return_text=text,
+        regex=regex, upstream=upstream, proxy_uri=proxy_uri, return_code=code,
+        return_text=text, return_value=value,
         status=values.get("status", False), file=stmt.file, line=stmt.line,
     )
 
 
 def resolve_proxy_pass(target, upstreams: dict, implicit: dict) -> str:
     """Name the upstream a location proxies to, making an implicit one for host:port."""
-    kind, host, port, stmt = target
+    kind, host, port, stmt, _ = target
     if kind == "upstream":
         if host not in upstreams:
             raise stmt.error(f'unknown upstream "{host}" in "proxy_pass"')

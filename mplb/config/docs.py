@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from mplb.config import registry
+from mplb.config import nginx, registry
 from mplb.config.values import VARIABLES
 
 SECTIONS = (
@@ -26,9 +26,10 @@ Times accept ``ms``, ``s``, ``m``, ``h`` and ``d`` suffixes, combinable from the
 unit down (``1h30m``); a bare number is seconds.  Sizes accept ``k``, ``m`` and ``g``
 (1024-based, either case); a bare number is bytes.
 
-Variables usable in ``proxy_set_header`` values (``$name`` or ``${name}``) and as the
-``consistent_hash`` key: {variables}, and ``$http_NAME`` for any request header (lower
-case, dashes as underscores).
+Variables usable in ``proxy_set_header`` values (``$name`` or ``${name}``), in ``return``,
+in ``map`` and as the ``consistent_hash`` (``hash``) key: {variables}, ``$http_NAME`` for
+any request header (lower case, dashes as underscores), every ``map`` variable, and the
+named captures of ``server_name`` regexes.
 
 Directives marked *inherited* are valid at main level, in ``server`` and in ``location``;
 a level that does not set one takes the enclosing level's value.  ``proxy_set_header``
@@ -73,6 +74,43 @@ def render_directive(entry: registry.Directive) -> str:
     return "\n".join(lines)
 
 
+NGINX_INTRO = """\
+nginx directives
+----------------
+
+Directives of nginx that mplb does not implement.  Those that only tune nginx itself are
+accepted, each with one warning naming its file and line (``mplb -t`` prints them as
+``mplb: [warn] FILE:LINE: ...``; a running mplb logs them at start and at every reload).
+Those that would change what a client or a backend sees are refused: an error names the
+file, the line and the directive.  Any other directive is unknown, also an error.
+``include mime.types`` (any path ending in ``mime.types``, present or not) is ignored
+with a warning and not read.  ``listen`` parameters ``{listen_ignored}`` are ignored with
+a warning; ``{listen_refused}`` are refused.
+"""
+
+
+def render_nginx_tables() -> str:
+    """The nginx-only directives, grouped by reason: ignored first, then refused."""
+    intro = NGINX_INTRO.replace("{listen_ignored}", "``, ``".join(nginx.LISTEN_IGNORED))
+    intro = intro.replace("{listen_refused}", "``, ``".join(nginx.LISTEN_REFUSED))
+    parts = [intro]
+    for heading, ignored in (("Accepted with a warning", True), ("Refused", False)):
+        groups = {}
+        for entry in nginx.TABLE:
+            if entry.only is not None:
+                value = " | ".join(entry.only)
+                reason = entry.why if ignored else entry.refused_why
+                groups.setdefault(reason, []).append(
+                    f"``{entry.name} {value}``" if ignored else
+                    f"``{entry.name}`` (other than {value})")
+            elif entry.ignored == ignored:
+                groups.setdefault(entry.why, []).append(f"``{entry.name}``")
+        parts += [f"{heading}:", ""]
+        parts += [f"- {', '.join(names)}: {reason}." for reason, names in groups.items()]
+        parts.append("")
+    return "\n".join(parts)
+
+
 def render_reference() -> str:
     """The whole directive reference as one reStructuredText document."""
     title = "mplb directive reference"
@@ -84,6 +122,7 @@ def render_reference() -> str:
         for entry in registry.DIRECTIVES:
             if home_context(entry) == context:
                 parts.append(render_directive(entry))
+    parts.append(render_nginx_tables())
     return "\n".join(parts)
 
 

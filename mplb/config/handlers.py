@@ -10,13 +10,15 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from mplb.config.model import (HeaderTemplate, HealthCheck, Listen, Persistence, Template,
-                               UpstreamServer)
+from mplb.config import nginx
+from mplb.config.model import (ConfigWarning, HeaderTemplate, HealthCheck, Listen, Persistence,
+                               Template, UpstreamServer)
 from mplb.config.values import (
     Stmt, compile_template, resolve_host, split_hostport, split_options, to_access_rule,
-    to_flag, to_int, to_single_variable, to_size, to_time,
+    to_flag, to_int, to_regex, to_single_variable, to_size, to_time, unescape,
 )
-from mplb.vocabulary import METHOD_ALIASES, METHODS, PERSISTENCE_MODES, method_name
+from mplb.vocabulary import (METHOD_ALIASES, METHODS, NGINX_BALANCING, PERSISTENCE_MODES,
+                             method_name)
 
 NEXT_UPSTREAM = ("error", "timeout", "http_502", "http_503", "http_504", "off")
 LOG_LEVELS = ("debug", "info", "warn", "error")
@@ -32,6 +34,23 @@ class Scope:
     base_dir: str
     settings: dict = field(default_factory=dict)
     values: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)    # one list for the whole load
+    variables: frozenset = frozenset()              # names the configuration defines
+
+    def child(self, kind: str) -> "Scope":
+        """A nested block's scope: same directory, warnings and variables."""
+        return Scope(kind, self.base_dir, warnings=self.warnings, variables=self.variables)
+
+    def warn(self, stmt: Stmt, message: str) -> None:
+        self.warnings.append(ConfigWarning(message, stmt.file, stmt.line))
+
+    def claim(self, stmt: Stmt, slot: str, why: str) -> None:
+        """Refuse a second statement that sets what an earlier one (another name) set."""
+        earlier = self.values.get(slot)
+        if earlier is not None:
+            raise stmt.error(f'"{stmt.name}" conflicts with "{earlier.name}" at '
+                             f"{earlier.file}:{earlier.line} ({why})")
+        self.values[slot] = stmt
 
 
 # --- main -------------------------------------------------------------------------------
@@ -72,15 +91,49 @@ def set_access_log(stmt, scope):
 
 # --- upstream ---------------------------------------------------------------------------
 
+ONE_METHOD = "an upstream has one balancing method"
+ONE_PERSISTENCE = "an upstream has one persistence"
+ONE_NGINX = "nginx allows one of " + ", ".join(NGINX_BALANCING)
+
+
 def set_method(stmt, scope):
     name = method_name(stmt.args[0])
     if name is None:
         expected = ", ".join(METHODS + tuple(METHOD_ALIASES))
         raise stmt.error(f'unknown method "{stmt.args[0]}" (expected one of {expected})')
+    scope.claim(stmt, "method_stmt", ONE_METHOD)
     scope.values["method"] = name
 
 
+def set_nginx_method(stmt, scope):
+    """``least_conn;``: nginx's spelling of ``method least_connections``."""
+    scope.claim(stmt, "nginx_balancing", ONE_NGINX)
+    scope.claim(stmt, "method_stmt", ONE_METHOD)
+    scope.values["method"] = NGINX_BALANCING[stmt.name]
+
+
+def set_ip_hash(stmt, scope):
+    """``ip_hash;``: nginx's spelling of ``persistence ip_hash`` (default ttl and size)."""
+    scope.claim(stmt, "nginx_balancing", ONE_NGINX)
+    scope.claim(stmt, "persistence_stmt", ONE_PERSISTENCE)
+    mode = PERSISTENCE_MODES[NGINX_BALANCING[stmt.name]]
+    scope.values["persistence"] = Persistence(kind=mode.name, ttl=mode.ttl)
+
+
+def set_hash(stmt, scope):
+    """``hash KEY [consistent];``: ``persistence consistent_hash key=KEY`` either way."""
+    if len(stmt.args) > 1 and stmt.args[1] != "consistent":
+        raise stmt.error(f'invalid parameter "{stmt.args[1]}"')
+    if not stmt.args[0]:
+        raise stmt.invalid(stmt.args[0], "the key must not be empty")
+    scope.claim(stmt, "nginx_balancing", ONE_NGINX)
+    scope.claim(stmt, "persistence_stmt", ONE_PERSISTENCE)
+    key = Template(compile_template(stmt, stmt.args[0], scope.variables))
+    scope.values["persistence"] = Persistence(kind=NGINX_BALANCING[stmt.name], key=key)
+
+
 def set_persistence(stmt, scope):
+    scope.claim(stmt, "persistence_stmt", ONE_PERSISTENCE)
     kind = stmt.args[0]
     mode = PERSISTENCE_MODES.get(kind)
     if mode is None:
@@ -105,7 +158,8 @@ def set_persistence(stmt, scope):
             raise stmt.invalid(options["learn"], "a cookie name is a token")
         fields["learn"] = options["learn"]
     if "key" in options:
-        fields["key"] = Template(compile_template(stmt, to_single_variable(stmt, options["key"])))
+        key = to_single_variable(stmt, options["key"], scope.variables)
+        fields["key"] = Template(compile_template(stmt, key, scope.variables))
     scope.values["persistence"] = Persistence(**fields)
 
 
@@ -207,7 +261,7 @@ def add_listen(stmt, scope):
         elif arg.startswith("backlog="):
             params["backlog"] = to_int(stmt, arg[len("backlog="):], minimum=1)
         else:
-            raise stmt.error(f'invalid parameter "{arg}"')
+            check_nginx_listen_parameter(stmt, scope, arg)
     listen = Listen(host=address, port=port, file=stmt.file, line=stmt.line, **params)
     listens = scope.values.setdefault("listens", [])
     if any(existing.key == listen.key for existing in listens):
@@ -215,10 +269,33 @@ def add_listen(stmt, scope):
     listens.append(listen)
 
 
+def check_nginx_listen_parameter(stmt, scope, arg):
+    """A listen parameter of nginx's: a warning when it only tunes, else an error."""
+    known = nginx.listen_parameter(arg)
+    if known is None:
+        raise stmt.error(f'invalid parameter "{arg}"')
+    ignored, name = known
+    if not ignored:
+        raise stmt.error(f'the "{name}" parameter of "listen" is not supported')
+    why = ("mplb speaks HTTP/1.1 to clients" if name == "http2"
+           else "it tunes how nginx uses the socket")
+    scope.warn(stmt, f'the "{name}" parameter of "listen" is ignored: {why}')
+
+
+def server_name_regex(stmt, name: str):
+    """``~regex`` as nginx reads it: PCRE, case-insensitive when it holds a capital."""
+    pattern = name[1:]
+    if not pattern:
+        raise stmt.error(f'empty regex in server name "{name}"')
+    caseless = any("A" <= char <= "Z" for char in pattern)
+    return to_regex(stmt, pattern, re.IGNORECASE if caseless else 0)
+
+
 def add_server_name(stmt, scope):
     for name in stmt.args:
         if name.startswith("~"):
-            raise stmt.unsupported("a regular expression in \"server_name\"")
+            scope.values.setdefault("name_regexes", []).append(server_name_regex(stmt, name))
+            continue
         if name.count("*") > 1 or ("*" in name and not (name.startswith("*.")
                                                         or name.endswith(".*"))):
             raise stmt.error(f'invalid server name or wildcard "{name}"')
@@ -244,22 +321,23 @@ def set_proxy_pass(stmt, scope):
     if not sep:
         if ":" in url or "/" in url:
             raise stmt.error(f'invalid URL prefix in "{url}"')
-        scope.values["proxy_pass"] = ("upstream", url, None, stmt)
+        scope.values["proxy_pass"] = ("upstream", url, None, stmt, None)
         return
     if scheme.lower() in ("https", "wss"):
         raise stmt.unsupported(f'"{scheme}://" in "proxy_pass"')
     if scheme.lower() not in ("http", "ws"):
         raise stmt.error(f'invalid URL prefix in "{url}"')
-    hostport, slash, _ = rest.partition("/")
-    if slash:
-        raise stmt.unsupported(f'a URI part in "proxy_pass" ("{url}")')
     if "$" in url:
         raise stmt.unsupported('variables in "proxy_pass"')
+    hostport, slash, path = rest.partition("/")
+    uri = slash + path if slash else None
+    if uri is not None and ("?" in uri or "#" in uri):
+        raise stmt.unsupported(f'a query in the URI of "proxy_pass" ("{url}")')
     if ":" not in hostport or hostport.endswith("]"):
-        scope.values["proxy_pass"] = ("upstream", hostport, None, stmt)
+        scope.values["proxy_pass"] = ("upstream", hostport, None, stmt, uri)
         return
     host, port = split_hostport(stmt, hostport, None, "upstream")
-    scope.values["proxy_pass"] = ("address", host, port, stmt)
+    scope.values["proxy_pass"] = ("address", host, port, stmt, uri)
 
 
 def set_return(stmt, scope):
@@ -270,12 +348,11 @@ def set_return(stmt, scope):
         if len(stmt.args) == 1 and not first.isdigit():
             raise stmt.error(f'invalid return code "{first}"')
         code = to_int(stmt, first, minimum=100, maximum=599)
-        text = stmt.args[1] if len(stmt.args) > 1 else ""
-    if "$" in text:
-        raise stmt.unsupported('variables in "return"')
+        text = unescape(stmt.args[1]) if len(stmt.args) > 1 else ""
     if code in REDIRECT_CODES and text == "":
         raise stmt.error(f'"return {code}" needs a URL')
-    scope.values["return"] = (code, text)
+    value = Template(compile_template(stmt, text, scope.variables)) if "$" in text else None
+    scope.values["return"] = (code, text, value)
 
 
 def set_status(stmt, scope):
@@ -294,7 +371,7 @@ def add_header(stmt, scope):
     name, value = stmt.args
     if not _TOKEN.fullmatch(name):
         raise stmt.error(f'invalid header name "{name}"')
-    template = HeaderTemplate(name=name, parts=compile_template(stmt, value))
+    template = HeaderTemplate(name=name, parts=compile_template(stmt, value, scope.variables))
     scope.settings.setdefault("proxy_set_header", []).append(template)
 
 

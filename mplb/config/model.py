@@ -77,6 +77,69 @@ class Template:
         return "".join(f"${text}" if is_variable else text for is_variable, text in self.parts)
 
 
+def match_wildcards(name: str, leading, trailing):
+    """nginx's wildcard names: the value of the longest ``*.suffix`` mask matching
+    ``name``, else of the longest ``prefix.*`` one, else None.  ``leading`` holds
+    ``(".suffix", value)``, ``trailing`` ``("prefix.", value)``, both longest first."""
+    for suffix, value in leading:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return value
+    for prefix, value in trailing:
+        if name.startswith(prefix) and len(name) > len(prefix):
+            return value
+    return None
+
+
+def first_match(regexes, text: str) -> tuple:
+    """``(value, match)`` of the first ``(regex, value)`` whose regex finds ``text``
+    (nginx tries regexes in file order), else ``(None, None)``."""
+    for regex, value in regexes:
+        match = regex.search(text)
+        if match is not None:
+            return value, match
+    return None, None
+
+
+@dataclass(frozen=True)
+class VariableMap:
+    """``map $source $name { ... }``: a variable whose value depends on another's.
+
+    Chosen in nginx's order: an exact string (compared ignoring case), with
+    ``hostnames`` the longest ``*.suffix`` then the longest ``prefix.*`` mask, then the
+    first matching regex in file order, else ``default``.  Values are Templates; a
+    regex entry's value may use that regex's captures (``$1``, ``$name``).
+    """
+
+    name: str
+    source: Template
+    default: Template
+    exact: Mapping[str, Template]           # lower-cased source value -> value
+    leading: tuple = ()                     # ((".example.com", value), ...) longest first
+    trailing: tuple = ()                    # (("mail.", value), ...) longest first
+    regexes: tuple = ()                     # ((compiled regex, value), ...) in file order
+    file: str = ""
+    line: int = 0
+
+    def select(self, source: str):
+        """``(value template, regex match or None)`` for a source value."""
+        key = source.lower()
+        value = self.exact.get(key)
+        if value is None and (self.leading or self.trailing):
+            value = match_wildcards(key, self.leading, self.trailing)
+        if value is not None:
+            return value, None
+        value, match = first_match(self.regexes, source)
+        return (value, match) if match is not None else (self.default, None)
+
+    @property
+    def references(self) -> frozenset:
+        """Names of the variables its source and values read (cycle checks)."""
+        templates = [self.source, self.default, *self.exact.values()]
+        templates += [value for _, value in self.leading + self.trailing + self.regexes]
+        return frozenset(text for template in templates
+                         for is_variable, text in template.parts if is_variable)
+
+
 @dataclass(frozen=True)
 class Persistence:
     kind: str = "none"                  # a name of vocabulary.PERSISTENCE_MODES
@@ -176,8 +239,10 @@ class Location:
     settings: ProxySettings
     regex: Optional[re.Pattern] = None
     upstream: Optional[str] = None          # name in Config.upstreams
+    proxy_uri: Optional[str] = None         # proxy_pass http://up/URI: replaces the prefix
     return_code: Optional[int] = None
     return_text: str = ""
+    return_value: Optional[Template] = None  # return text/URL with variables
     status: bool = False                    # mplb_status
     file: str = ""
     line: int = 0
@@ -186,7 +251,7 @@ class Location:
 @dataclass(frozen=True)
 class VirtualServer:
     listens: tuple                          # tuple[Listen, ...]
-    server_names: tuple                     # tuple[str, ...], lower case
+    server_names: tuple                     # tuple[str, ...], lower case (no regexes)
     locations: tuple                        # tuple[Location, ...] in file order
     settings: ProxySettings
     ssl_certificate: Optional[str] = None
@@ -194,8 +259,22 @@ class VirtualServer:
     # The loaded certificate and key (a stdlib ssl.SSLContext), read by the master when it
     # loads the configuration, while it may still be root; workers inherit it.
     ssl_context: Optional[object] = field(default=None, compare=False, repr=False)
+    name_regexes: tuple = ()                # server_name ~regex: compiled, in file order
+    answer: Optional[Location] = None       # a server-level return: every request gets it
     file: str = ""
     line: int = 0
+
+
+@dataclass(frozen=True)
+class ConfigWarning:
+    """Something accepted but ignored (an nginx-only directive), reported at load."""
+
+    message: str
+    file: str
+    line: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.message}"
 
 
 @dataclass(frozen=True)
@@ -259,10 +338,12 @@ class Config:
     error_log: ErrorLog = field(default_factory=ErrorLog)
     access_log: Optional[str] = None        # None = off
     user: Optional[WorkerUser] = None       # None: workers keep the master's user
-    warnings: tuple = ()                    # "FILE:LINE: message", logged at start and reload
     shared_store: Optional[SharedStore] = None
     upstreams: Mapping[str, Upstream] = field(default_factory=dict)
     servers: tuple = ()                     # tuple[VirtualServer, ...]
+    maps: Mapping[str, VariableMap] = field(default_factory=dict)
+    capture_names: frozenset = frozenset()  # named captures of server_name regexes
+    warnings: tuple = ()                    # tuple[ConfigWarning, ...]: logged at start, reload
 
     @property
     def listens(self) -> tuple:

@@ -72,6 +72,15 @@ DIRECTIVES = (
        "Defines a virtual server; several may share one listen address and are told apart "
        "by server_name.", "server {\n    listen 8080;\n    location / { proxy_pass backend; }\n}",
        block=True, repeatable=True),
+    _d("map", (MAIN,), (2, 2), "string $variable { ... }", "—",
+       "Defines a variable whose value depends on another: exact strings first (ignoring "
+       "case), then with hostnames the longest *.suffix and prefix.* masks, then ~regex "
+       "and ~*regex (case-insensitive) in file order, else default (empty if unset).  "
+       "Values may hold variables, and a regex's captures ($1, $name) in its own value.  "
+       "Usable wherever variables are; evaluated at most once per request, only when "
+       "used.  hostnames, include and volatile (no effect) work inside.",
+       "map $http_upgrade $connection_upgrade {\n    default upgrade;\n    ''      close;\n}",
+       block=True, repeatable=True),
     _d("location", (SERVER, LOCATION), (1, 2), "[ = | ^~ | ~ | ~* ] uri { ... }", "—",
        "Sets configuration by request URI with nginx's matching order: exact, then the "
        "longest prefix (^~ stops there), then regexes in file order, else the longest prefix.",
@@ -119,6 +128,17 @@ DIRECTIVES = (
        "least_connections' tie-break) is one position shared by all workers, so a few "
        "requests taken by different workers still go round the servers.",
        "method least_connections;", h.set_method),
+    _d("least_conn", (UPSTREAM,), (0, 0), ";", "—",
+       "nginx's spelling of method least_connections.  At most one of least_conn, ip_hash "
+       "and hash per upstream (nginx's rule); least_conn with method, or ip_hash or hash "
+       "with persistence, is refused.", "least_conn;", h.set_nginx_method),
+    _d("ip_hash", (UPSTREAM,), (0, 0), ";", "—",
+       "nginx's spelling of persistence ip_hash (default ttl and table size): a client "
+       "address seen before goes to the same server.", "ip_hash;", h.set_ip_hash),
+    _d("hash", (UPSTREAM,), (1, 2), "key [consistent];", "—",
+       "nginx's spelling of persistence consistent_hash, with or without consistent: the "
+       "key (text with variables) picks a server on a hash ring.",
+       "hash $request_uri consistent;", h.set_hash),
     _d("persistence", (UPSTREAM,), (1, 5), persistence_syntax() + ";", "none",
        "Sends a client seen before to the same server: by client address, by a signed "
        "cookie (or a learned backend cookie), or by a consistent hash of a variable.",
@@ -158,9 +178,11 @@ DIRECTIVES = (
        "—", "Proxies requests (and upgrades such as WebSocket) to an upstream group, or to "
        "one address, which becomes an implicit upstream.", "proxy_pass backend;",
        h.set_proxy_pass),
-    _d("return", (LOCATION,), (1, 2), "code [text | URL] | URL;", "—",
+    _d("return", (SERVER, LOCATION), (1, 2), "code [text | URL] | URL;", "—",
        "Answers directly with this status; for 301, 302, 303, 307 and 308 the second "
-       "argument is the Location URL.", "return 301 https://example.com/;", h.set_return),
+       "argument is the Location URL.  The text or URL may hold variables.  In a server "
+       "block it answers every request of that server, before any location (nginx's "
+       "rule).", "return 301 https://$host$request_uri;", h.set_return),
     _d("mplb_status", (LOCATION,), (0, 0), ";", "—",
        "This location serves the load balancer's statistics.",
        "location = /mplb_status { mplb_status; allow 127.0.0.1; deny all; }", h.set_status),

@@ -15,7 +15,8 @@ from mplb.config.model import AccessRule
 from mplb.config.units import parse_size, parse_time
 from mplb.errors import ConfigError
 from mplb.vocabulary import HEADER_VARIABLE_PREFIX, VARIABLES
-_VAR = re.compile(r"\$(?:\{([A-Za-z0-9_]*)\}|([A-Za-z0-9_]*))")
+# ``$name``, ``${name}``, or ``$1``: a digit is a whole (capture) variable, as in nginx.
+_VAR = re.compile(r"\$(?:\{([A-Za-z0-9_]*)\}|([0-9]|[A-Za-z_][A-Za-z0-9_]*|))")
 
 
 @dataclass
@@ -91,10 +92,13 @@ def split_options(stmt: Stmt, args, allowed, what: str) -> dict:
     return options
 
 
-def check_variable(stmt: Stmt, name: str) -> str:
-    """Return the lower-cased variable name, or raise nginx's 'unknown variable' error."""
+def check_variable(stmt: Stmt, name: str, known=frozenset()) -> str:
+    """Return the lower-cased variable name, or raise nginx's 'unknown variable' error.
+
+    ``known``: names the configuration itself defines (map variables, regex captures).
+    """
     lowered = name.lower()
-    if lowered in VARIABLES:
+    if lowered in VARIABLES or lowered in known:
         return lowered
     if lowered.startswith(HEADER_VARIABLE_PREFIX) and len(lowered) > len(HEADER_VARIABLE_PREFIX):
         return lowered
@@ -103,7 +107,7 @@ def check_variable(stmt: Stmt, name: str) -> str:
     raise stmt.error(f'unknown "{name}" variable')
 
 
-def compile_template(stmt: Stmt, value: str) -> tuple:
+def compile_template(stmt: Stmt, value: str, known=frozenset()) -> tuple:
     """Split a value into ``(is_variable, text)`` parts so workers never re-parse it."""
     parts = []
     pos = 0
@@ -113,7 +117,7 @@ def compile_template(stmt: Stmt, value: str) -> tuple:
         name = match.group(1) if match.group(1) is not None else match.group(2)
         if match.group(0).startswith("${") and not match.group(0).endswith("}"):
             raise stmt.error(f'the closing bracket in "{name}" variable is missing')
-        parts.append((True, check_variable(stmt, name)))
+        parts.append((True, check_variable(stmt, name, known)))
         pos = match.end()
     if pos < len(value):
         parts.append((False, value[pos:]))
@@ -126,9 +130,36 @@ def compile_template(stmt: Stmt, value: str) -> tuple:
     return tuple(merged)
 
 
-def to_single_variable(stmt: Stmt, value: str) -> str:
+_ESCAPES = {"\\\\": "\\", "\\n": "\n", "\\t": "\t", "\\r": "\r"}
+_ESCAPE = re.compile(r"\\[\\ntr]")
+
+
+def unescape(value: str) -> str:
+    """nginx's escapes in a token (crossplane already undid ``\\"`` and ``\\'``)."""
+    return _ESCAPE.sub(lambda match: _ESCAPES[match.group(0)], value) if "\\" in value \
+        else value
+
+
+# PCRE spellings of a named group that Python writes (?P<name>...); lookbehinds
+# ``(?<=`` and ``(?<!`` are left alone.
+_PCRE_NAMED = re.compile(r"(?<!\\)\(\?(?:<([A-Za-z_]\w*)>|'([A-Za-z_]\w*)')")
+_PCRE_BACKREF = re.compile(r"\\k(?:<([A-Za-z_]\w*)>|'([A-Za-z_]\w*)'|\{([A-Za-z_]\w*)\})")
+
+
+def to_regex(stmt: Stmt, pattern: str, flags: int = 0) -> re.Pattern:
+    """Compile an nginx (PCRE) regular expression, or fail with the file and line."""
+    converted = _PCRE_NAMED.sub(lambda m: f"(?P<{m.group(1) or m.group(2)}>", pattern)
+    converted = _PCRE_BACKREF.sub(lambda m: f"(?P={m.group(1) or m.group(2) or m.group(3)})",
+                                  converted)
+    try:
+        return re.compile(converted, flags)
+    except re.error as exc:
+        raise stmt.error(f'invalid regular expression "{pattern}": {exc}') from None
+
+
+def to_single_variable(stmt: Stmt, value: str, known=frozenset()) -> str:
     """Parse ``$var`` or ``${var}`` (one variable, nothing else) into ``$name``."""
-    parts = compile_template(stmt, value) if value else ()
+    parts = compile_template(stmt, value, known) if value else ()
     if len(parts) != 1 or not parts[0][0]:
         raise stmt.invalid(value, "it must be one variable such as $uri")
     return "$" + parts[0][1]

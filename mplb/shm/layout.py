@@ -17,6 +17,10 @@ Layout (little-endian; every field an 8-byte int64 "word"; names from the tables
     pool      table entries of 5 words (mplb.shm.tables): seq, key digest (2 w), value,
               last used (monotonic us)
     upstreams max_upstreams x 8 words: UPSTREAM_FIELDS (name digest 0, 0 = free entry)
+    histograms max_servers x max_workers x 32 words: HISTOGRAMS, bucket counts then the
+              sum in microseconds; a (server, worker) cell is written only by that worker
+    samples   RING_SAMPLES words of sample times (wall clock, us), then max_servers x
+              RING_SAMPLES x SAMPLE_FIELDS words: the master's once-a-second ring
 
 Space is reserved by the master alone, before it forks a generation that needs it
 (``server_id``, ``table`` and ``upstream_word`` with ``allocating``, mplb.shm.space);
@@ -26,6 +30,13 @@ which the master calls once the last worker that could use it has exited, so rel
 can repeat without bound.  A freed table's pages are returned to the system.
 
 Concurrency scheme:
+- Histograms: like counters, one writer per (server, worker) cell; an observation is
+  one bucket word and the sum word.  Buckets are stored per bucket (not cumulative)
+  and readers add up the cumulative ``le`` counts, so ``_count`` always equals the
+  ``+Inf`` bucket.
+- Samples: the master alone writes the ring (mplb.shm.timing): a sample's words, then its
+  time, then the header's sample count; readers skip the oldest slot, the one the next
+  sample overwrites.
 - Counters: single writer per (server, worker) slot, no locks.  Aligned 8-byte stores are
   not torn on x86-64, so readers summing the slots see each word whole (the sum is a
   snapshot up to a few in-flight increments, which is all least_connections needs).
@@ -57,23 +68,24 @@ import time
 from mplb.shm.tables import ENTRY_WORDS, GROUP
 
 MAGIC = b"MPLBSHM3"
-VERSION = 4                      # 4: store words, and the master holds the liveness lock
+VERSION = 4                      # 4: store words, histograms and samples, the liveness lock
 HEADER_BYTES = 512
 
 # The header, word by word: the one place that names these fields.
 HEADER_FIELDS = ("magic", "version", "total_size", "master_pid", "generation", "reloads",
                  "start_time_us", "max_workers", "max_servers", "max_tables", "pool_entries",
                  "pool_used", "servers_high", "slots_high", "max_upstreams", "servers_used",
-                 "store_state", "store_instances", "store_dropped")
+                 "store_state", "store_instances", "store_dropped", "samples_taken")
 (HDR_MAGIC, HDR_VERSION, HDR_SIZE, HDR_MASTER_PID, HDR_GENERATION, HDR_RELOADS,
  HDR_STARTED, HDR_MAX_WORKERS, HDR_MAX_SERVERS, HDR_MAX_TABLES, HDR_POOL_ENTRIES,
  HDR_POOL_USED, HDR_SERVERS_HIGH, HDR_SLOTS_USED, HDR_MAX_UPSTREAMS,
  HDR_SERVERS_USED, HDR_STORE_STATE, HDR_STORE_INSTANCES,
- HDR_STORE_DROPPED) = range(len(HEADER_FIELDS))
+ HDR_STORE_DROPPED, HDR_SAMPLES_TAKEN) = range(len(HEADER_FIELDS))
 # store_state (written by the master's store thread alone): no store, or its link.
 STORE_NONE, STORE_OK, STORE_DEGRADED = 0, 1, 2
 # Byte offsets of the sections, in this order, from header word HDR_OFFSETS on.
-SECTIONS = ("servers", "counters", "health", "workers", "tables", "pool", "upstreams")
+SECTIONS = ("servers", "counters", "health", "workers", "tables", "pool", "upstreams",
+            "histograms", "samples")
 HDR_OFFSETS = 32
 assert len(HEADER_FIELDS) <= HDR_OFFSETS and (HDR_OFFSETS + len(SECTIONS)) * 8 <= 512
 
@@ -113,6 +125,27 @@ U_K1, U_K2, U_ROTATION = range(len(UPSTREAM_FIELDS))
 UPSTREAM_WORDS = 8
 
 
+# Histograms: le bounds in seconds (Prometheus style; +Inf is the last bucket).  Each
+# takes len(bounds) + 1 bucket words, then one word: the sum of observations in us.
+RESPONSE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                    2.5, 5.0, 10.0, 30.0, 60.0)
+TUNNEL_BUCKETS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0,
+                  43200.0, 86400.0)
+HISTOGRAMS = (("response", RESPONSE_BUCKETS), ("tunnel", TUNNEL_BUCKETS))
+HIST_RESPONSE = 0                                   # word of the first response bucket
+HIST_TUNNEL = len(RESPONSE_BUCKETS) + 2             # word of the first tunnel bucket
+HIST_WORDS = 32                                     # words per (server, worker) cell
+
+# The sample ring: one sample a second for five minutes, per server these words.
+RING_SAMPLES = 300
+# requests so far, open tunnels, p50 and p99 in microseconds plus one (0: no response)
+SAMPLE_FIELDS = ("requests", "tunnels", "p50_us1", "p99_us1")
+S_REQUESTS, S_TUNNELS, S_P50, S_P99 = range(len(SAMPLE_FIELDS))
+SAMPLE_WORDS = len(SAMPLE_FIELDS)
+
+assert HIST_TUNNEL + len(TUNNEL_BUCKETS) + 2 <= HIST_WORDS
+
+
 def segment_path(master_pid: int, directory: str = "/dev/shm") -> str:
     """The segment of a master: the pid is a separate dot-delimited number."""
     return os.path.join(directory, f"mplb.{int(master_pid)}")
@@ -130,7 +163,9 @@ def segment_layout(max_workers, max_servers, table_entries, max_tables,
     sizes = [HEADER_BYTES, max_servers * URL_ENTRY_BYTES,
              max_servers * max_workers * NFIELDS * 8, max_servers * HEALTH_WORDS * 8,
              max_workers * WORKER_WORDS * 8, max_tables * TABLE_DIR_BYTES,
-             table_entries * ENTRY_WORDS * 8, max_upstreams * UPSTREAM_WORDS * 8]
+             table_entries * ENTRY_WORDS * 8, max_upstreams * UPSTREAM_WORDS * 8,
+             max_servers * max_workers * HIST_WORDS * 8,
+             (RING_SAMPLES + max_servers * RING_SAMPLES * SAMPLE_WORDS) * 8]
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
     total = -(-sum(sizes) // mmap.PAGESIZE) * mmap.PAGESIZE
     header = [0] * len(HEADER_FIELDS)

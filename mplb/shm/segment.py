@@ -32,9 +32,10 @@ from mplb.shm.layout import (
 from mplb.shm import liveness
 from mplb.shm.space import Reservations
 from mplb.shm.tables import LOCK_HEALTH, STRIPES, StripeLocks
+from mplb.shm.timing import Timings
 
 
-class SharedState(Reservations):
+class SharedState(Reservations, Timings):
     """Typed views over the segment; the same object serves master, workers and tools."""
 
     def __init__(self, path, fd, mm, writable, salt=None, secret=None):
@@ -48,6 +49,7 @@ class SharedState(Reservations):
         self._sids = {}
         self._tables = {}
         self._upstreams = {}
+        self._last_buckets = {}        # master: sid -> response buckets at the last sample
         q = self.q
         if bytes(self.view[:8]) != MAGIC or q[HDR_VERSION] != VERSION:
             self.close()
@@ -57,8 +59,8 @@ class SharedState(Reservations):
         self.max_tables = q[HDR_MAX_TABLES]
         self.max_upstreams = q[HDR_MAX_UPSTREAMS]
         (self.off_servers, self.off_counters, self.off_health, self.off_workers,
-         self.off_tables, self.off_pool, self.off_upstreams) = (
-            q[HDR_OFFSETS + i] // 8 for i in range(len(SECTIONS)))
+         self.off_tables, self.off_pool, self.off_upstreams, self.off_histograms,
+         self.off_samples) = (q[HDR_OFFSETS + i] // 8 for i in range(len(SECTIONS)))
         # Process memory only: forked workers inherit them, readers of the file never
         # see them (a reader could otherwise forge cookies or aim at table groups).
         self.salt = salt
@@ -221,12 +223,13 @@ class SharedState(Reservations):
         return sid
 
     def _clear_server(self, sid: int) -> None:
-        """Zero every counter cell and the health record of ``sid``."""
+        """Zero every counter cell, the health record, histograms and samples of ``sid``."""
         q = self.q
         base = self.off_counters + sid * self.max_workers * NFIELDS
         q[base:base + self.max_workers * NFIELDS] = zeros(self.max_workers * NFIELDS)
         h = self._health(sid)
         q[h:h + HEALTH_WORDS] = zeros(HEALTH_WORDS)
+        self._clear_timings(sid)
 
     def _server_entries(self):
         """(sid, url) of every server in the directory."""
@@ -273,10 +276,12 @@ class SharedState(Reservations):
 
     def exchange_words(self, worker_slot: int, url: str) -> tuple:
         """Word indexes a worker bumps per request to ``url``: requests, bytes in, bytes
-        out, and its own request count (computed once, so the hot path only adds)."""
+        out, its own request count and the first response-time bucket (computed once,
+        so the hot path only adds)."""
         cell = self._cell(worker_slot, self.server_id(url))
         return (cell + REQUESTS, cell + BYTES_IN, cell + BYTES_OUT,
-                self.off_workers + worker_slot * WORKER_WORDS + W_REQUESTS)
+                self.off_workers + worker_slot * WORKER_WORDS + W_REQUESTS,
+                self.histogram_word(worker_slot, url, "response"))
 
     def add_bytes(self, worker_slot: int, url: str, n_in: int, n_out: int) -> None:
         """Bytes received from (in) and sent to (out) the backend ``url``."""
