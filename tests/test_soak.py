@@ -75,7 +75,9 @@ def test_incidents_happen_and_are_attributed(soak):
     result, output = soak
     assert result["requests"] >= 300, output
     assert result["reloads_ok"] >= 3, output
-    assert len(result["kills"]) >= 2 and all(k["ports"] > 0 for k in result["kills"]), output
+    # The killer picks workers that hold connections; one may still hand its last over
+    # to a new generation between the pick and the kill, so not every kill need have any.
+    assert len(result["kills"]) >= 2 and any(k["ports"] > 0 for k in result["kills"]), output
     assert result["restarts"] and result["restarts"][0]["kind"] == "ws", output
     lost = result["tunnels_lost"]["by_cause"]
     assert lost["killed_worker"] >= 1, output
