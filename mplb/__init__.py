@@ -13,3 +13,9 @@ _CHECKOUT = _os.path.dirname(_HERE)
 if (not _os.path.isdir(_os.path.join(_HERE, "workers"))
         and _os.path.isfile(_os.path.join(_CHECKOUT, "workers", "__init__.py"))):
     __path__.append(_CHECKOUT)
+
+# MPLB_PURE_PYTHON=1 (and, in a checkout, a compiled module older than its source)
+# loads the data plane's compiled modules from their .py files: see mplb.compiled.
+from mplb.compiled import install_finder as _install_finder  # noqa: E402
+
+_install_finder()

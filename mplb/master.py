@@ -23,7 +23,7 @@ import signal
 import threading
 import time
 
-from mplb import logs, reservation
+from mplb import compiled, logs, reservation
 from mplb.control import READ_CHUNK, ControlReader
 from mplb.errors import ConfigError, StartupError
 from mplb.listeners import bind_listens
@@ -139,8 +139,9 @@ class Master:
         self.apply_store(self.config)
         for _ in range(self.worker_count):
             self.spawn_worker()
-        log.info("mplb started: %d worker(s), listening on %s", self.worker_count,
-                 ", ".join(str(listen) for _, listen in self.sockets.values()))
+        log.info("mplb started: %d worker(s), listening on %s; %s", self.worker_count,
+                 ", ".join(str(listen) for _, listen in self.sockets.values()),
+                 compiled.describe())
 
     def _create_shared(self):
         """The segment, once those of masters that no longer run are gone."""

@@ -16,6 +16,7 @@ import logging
 import time
 from urllib.parse import parse_qs
 
+from mplb.compiled import build_name
 from mplb.shm.layout import STORE_DEGRADED, STORE_NONE, STORE_OK
 
 log = logging.getLogger("mplb.status")
@@ -243,6 +244,9 @@ def to_prometheus(data) -> str:
     family("mplb_uptime_seconds", "gauge", "Seconds since the master started.",
            [({}, float(data["uptime_s"]))])
     family("mplb_generation", "gauge", "Current worker generation.", [({}, data["generation"])])
+    if "build" in data:
+        family("mplb_build_info", "gauge", "The build serving this answer (compiled or "
+               "pure-python).", [({"build": data["build"]}, 1)])
     family("mplb_reloads_total", "counter", "Configuration reloads.", [({}, data["reloads"])])
     workers = data["workers"]
     family("mplb_workers", "gauge", "Live worker processes.", [({}, len(workers))])
@@ -341,6 +345,7 @@ def render(shared, config, request):
         fmt = choose_format(request.args, request.header("accept"))
         since = 0.0 if fmt == "html" else history_since(request.args)
         data = collect(shared, config, since=since)
+        data["build"] = build_name()            # this worker's: compiled or pure-python
         if fmt == "prometheus":
             body = to_prometheus(data)
         elif fmt == "html":

@@ -235,14 +235,14 @@ class Lane:
         length = response.content_length
         if (status < 200 or status in (502, 503, 504) or response.chunked or length is None
                 and status not in (204, 304) and request.method != "HEAD"):
-            return self.upstream_in_greenlet(head=True)     # 1xx, retries, re-chunking
+            return self.upstream_in_greenlet(None, True)     # 1xx, retries, re-chunking
         head, keep_client, head_only, _ = exchange.client_head(request, response, False)
         body = b"".join(response.body)
         response.body.clear()
         total = int(length) if length is not None and not head_only else 0
         if total >= SPLICE_BODY_MIN or (head_only and (body or length not in (None, b"0"))):
             response.body.append(body)
-            return self.upstream_in_greenlet(head=True)     # spliced, or a stray body
+            return self.upstream_in_greenlet(None, True)     # spliced, or a stray body
         exchange.bytes_out += self.received
         self.keep_client = keep_client
         self.sent = len(head) + len(body)

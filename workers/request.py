@@ -41,37 +41,36 @@ class BadRequest(Exception):
 class Request:
     """Parsed request head plus body progress; built by the parser callbacks."""
 
-    # Immutable defaults live on the class: a request costs three stores to create,
-    # and the parser callbacks set only what a request actually has.
-    method = ""
-    url = b""
-    version = "1.1"
-    keep_alive = True
-    is_upgrade = False           # mplb's rule: GET, 1.1, upgrade token, Upgrade header
-    body_bytes = 0
-    headers_done = False
-    complete = False
-    content_length = None
-    chunked = False
-    expect_continue = False
-    head_size = 0
-    host_seen = False
-    connection_named = None      # extra hop-by-hop names from Connection
-    host_value = None            # the Host header as received
-    forwarded_for = None         # X-Forwarded-For as received (joined if repeated)
-    derived = None               # map and capture variables computed so far (workers.variables)
-    upstream_close = False       # the upstream head said Connection: close (workers.headers)
-    _by_name = None
-    _path = None
-    _args = None
-    _uri = None
-    _host = None
+    __slots__ = ("conn", "started", "headers", "body_chunks", "method", "url", "version",
+                 "keep_alive", "is_upgrade", "body_bytes", "headers_done", "complete",
+                 "content_length", "chunked", "expect_continue", "head_size", "host_seen",
+                 "connection_named", "host_value", "forwarded_for", "derived",
+                 "upstream_close", "_by_name", "_path", "_args", "_uri", "_host")
 
     def __init__(self, conn):
         self.conn = conn               # the ClientConnection (addresses, scheme)
         self.started = _monotonic()    # $request_time counts from the first byte parsed
         self.headers = []              # [(name bytes, value bytes)] as received
         self.body_chunks = []
+        self.method = ""
+        self.url = b""
+        self.version = "1.1"
+        self.keep_alive = True
+        self.is_upgrade = False        # mplb's rule: GET, 1.1, upgrade token, Upgrade header
+        self.body_bytes = 0
+        self.headers_done = False
+        self.complete = False
+        self.content_length = None
+        self.chunked = False
+        self.expect_continue = False
+        self.head_size = 0
+        self.host_seen = False
+        self.connection_named = None   # extra hop-by-hop names from Connection
+        self.host_value = None         # the Host header as received
+        self.forwarded_for = None      # X-Forwarded-For as received (joined if repeated)
+        self.derived = None            # map and capture variables so far (workers.variables)
+        self.upstream_close = False    # the upstream head said Connection: close
+        self._by_name = self._path = self._args = self._uri = self._host = None
 
     # -- headers ---------------------------------------------------------
     def header_map(self):

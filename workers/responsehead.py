@@ -51,30 +51,26 @@ class ResponseHead:
     (``reset``) when the parser saw this one to its end.
     """
 
-    # Immutable defaults on the class: resetting costs a dict clear and four stores.
-    status = 0
-    status_text = b""
-    headers_done = False
-    complete = False             # the response's end reached (by the parser or a count)
-    parsed = False               # the parser itself saw the end: it may parse the next one
-    keep_alive = False
-    content_length = None        # raw bytes of the Content-Length value
-    chunked = False
-    connection_named = None      # extra hop-by-hop names from Connection
-    upgrade = None
+    __slots__ = ("parser", "status", "status_text", "headers_done", "complete", "parsed",
+                 "keep_alive", "content_length", "chunked", "connection_named", "upgrade",
+                 "headers", "lines", "body")
 
     def __init__(self):
         self.parser = HttpResponseParser(self)
-        self.headers = []
-        self.lines = []
-        self.body = []
+        self.reset()
 
     def reset(self):
         """Forget the last response (or an interim 1xx); the next one uses the same parser."""
-        parser = self.parser
-        state = self.__dict__
-        state.clear()
-        self.parser = parser
+        self.status = 0
+        self.status_text = b""
+        self.headers_done = False
+        self.complete = False            # the response's end reached (by the parser or a count)
+        self.parsed = False              # the parser itself saw the end: it may parse the next
+        self.keep_alive = False
+        self.content_length = None       # raw bytes of the Content-Length value
+        self.chunked = False
+        self.connection_named = None     # extra hop-by-hop names from Connection
+        self.upgrade = None
         self.headers = []
         self.lines = []
         self.body = []
