@@ -29,7 +29,9 @@ def compiled_extensions():
     # Cython finds each module's .pxd by the name its folder gives (workers.fastpath);
     # setuptools then installs it under the package's name (mplb.workers.fastpath).
     names = {source[:-3].replace("/", "."): name for name, source in SOURCES.items()}
-    extensions = cythonize([Extension(local, [local.replace(".", "/") + ".py"])
+    # -Wno-array-bounds: GCC misreads Cython's comparisons with None as out of bounds.
+    extensions = cythonize([Extension(local, [local.replace(".", "/") + ".py"],
+                                      extra_compile_args=["-Wno-array-bounds"])
                             for local in names], quiet=True,
                            compiler_directives={"language_level": 3, "binding": False})
     for extension in extensions:
