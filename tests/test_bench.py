@@ -102,6 +102,22 @@ def test_summarize_ratios_and_markdown():
     assert bench.sanity_warnings(rows, runs, 25) == []
 
 
+def test_both_builds_get_their_own_ratio_columns():
+    runs = [_run("mplb", "http-keepalive", 0, rate=80, p99_us=1, cpu_us_per=20.0),
+            _run("mplb-pure", "http-keepalive", 0, rate=60, p99_us=1, cpu_us_per=30.0),
+            _run("nginx", "http-keepalive", 0, rate=100, p99_us=1, cpu_us_per=10.0),
+            _run("haproxy", "http-keepalive", 0, rate=200, p99_us=1, cpu_us_per=15.0)]
+    targets = ["mplb", "mplb-pure", "nginx", "haproxy"]
+    rows = bench.summarize(runs, targets, ["http-keepalive"])
+    by = {r["metric"]: r for r in rows}
+    assert by["req/s"]["mplb/nginx"] == pytest.approx(0.8)
+    assert by["req/s"]["mplb-pure/nginx"] == pytest.approx(0.6)
+    assert by["proxy CPU µs/req"]["mplb-pure/haproxy"] == pytest.approx(2.0)
+    head = bench.markdown(rows, targets).splitlines()[0]
+    assert head.endswith("| mplb/nginx | mplb/haproxy | mplb-pure/nginx | mplb-pure/haproxy |")
+    assert bench.MPLB_BUILDS["mplb-pure"] == {"MPLB_PURE_PYTHON": "1"}
+
+
 def test_failed_reps_absent_targets_and_bottleneck_warning():
     runs = [_run("mplb", "ws-echo-64", 0, status="err", error="boom", errors=1),
             _run("mplb", "ws-echo-64", 1, rate=10.0, errors=2),
