@@ -87,6 +87,7 @@ setup(
             "playwright>=1.40",
             "prometheus_client>=0.17",   # its text parser checks the /status exposition
             "Cython>=3.0",               # make test builds the compiled fast path in place
+            "docutils>=0.18",            # the README must render on the package index
         ],
     },
     entry_points={

@@ -24,3 +24,16 @@ def test_readme_commands_exist():
         assert f"make {target}" in text
         assert f"\n{target}:" in makefile
     assert "make test" in read(".ci/run")
+
+
+def test_readme_is_valid_restructuredtext():
+    """The package index renders README.rst: a broken title or a stray line shows there."""
+    import docutils.core
+    import docutils.utils
+
+    quiet = docutils.utils.Reporter.SEVERE_LEVEL + 1     # keep them in the tree, unprinted
+    document = docutils.core.publish_doctree(
+        read("README.rst"), settings_overrides={"report_level": quiet, "halt_level": quiet})
+    problems = [node.astext() for node in document.findall(docutils.nodes.system_message)
+                if node["level"] >= docutils.utils.Reporter.WARNING_LEVEL]
+    assert problems == []
