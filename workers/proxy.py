@@ -515,6 +515,8 @@ class UpstreamExchange:
         self.bytes_out += received
         worker.accounting.log_upgrade(self.conn, request, self.upstream, pick)
         sock, self.sock, self.pick = self.sock, None, None
+        self.reader = None
+        response.parser = None          # the head and its parser point at each other
         worker.tunnels.open(self.conn, request, sock, pick, self.balancer, self.settings,
                             client_pending, backend_pending, self.bytes_in, self.bytes_out)
         return True, False
