@@ -466,13 +466,15 @@ class UpstreamExchange:
         pick, sock = self.pick, self.sock
         self.sock = None
         if sock is not None:
+            reader = self.reader
+            kept = reader if reusable and reader is not None and reader.parsed else None
             if reusable:
-                reader = self.reader
-                self.worker.pool.release(pick.server, sock, self.upstream.keepalive,
-                                         reader if reader is not None and reader.parsed
-                                         else None)
+                self.worker.pool.release(pick.server, sock, self.upstream.keepalive, kept)
             else:
                 sock.close()
+            if reader is not None and kept is None:
+                reader.parser = None       # parses nothing more: end the head<->parser cycle
+                self.reader = None
         if pick is not None:
             self.pick = None
             self.balancer.free(pick, failed)
