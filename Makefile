@@ -11,7 +11,7 @@ COMPILED_SOURCES := $(wildcard workers/*.pxd) $(patsubst %.pxd,%.py,$(wildcard w
 # The end-to-end tests that run again on the pure-Python build.
 E2E_TESTS := tests/test_http_e2e.py tests/test_websocket_e2e.py tests/test_bad_input.py \
 	tests/test_long_lived.py tests/test_reload.py tests/test_tunnel.py \
-	tests/test_balancing_e2e.py tests/test_tls.py tests/test_build.py
+	tests/test_balancing_e2e.py tests/test_tls.py tests/test_build.py tests/test_memory.py
 
 .PHONY: demo test venv compiled system-deps bench clean
 

@@ -265,6 +265,7 @@ class Acceptor:
         for conn in queued:
             conn.sock.close()
             self.release_slot(conn.holds_capacity)
+            conn.release()
 
     def adopt(self, fds, state, read_ahead, _unused) -> None:
         """Serve a connection a retiring sibling handed over, from its next request on.
@@ -312,9 +313,11 @@ class ConnectionMove:
 
     def handed_over(self) -> None:
         self.acceptor.release_slot(self.conn.holds_capacity)
+        self.conn.release()
 
     def keep(self, fds, state, a, b) -> None:
         """The descriptor never left (the receiver is gone): close, as a stop would."""
         os.close(fds[0])
         self.acceptor.release_slot(self.conn.holds_capacity)
+        self.conn.release()
 

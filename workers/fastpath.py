@@ -400,6 +400,7 @@ class Lane:
         except OSError:
             pass
         self.acceptor.lane_closed(self)
+        self.conn.release()
 
     def move(self):
         """A reload: this idle connection goes to the new generation."""

@@ -29,6 +29,7 @@ from mplb.privileges import drop_privileges
 from mplb.shm.layout import W_STORE_DROPPED
 from mplb.workers import tunnel
 from mplb.workers.handover import HandoverServer, successor_pids
+from mplb.workers.memprobe import start_memory_probe
 
 log = logging.getLogger("mplb.worker")
 
@@ -208,6 +209,7 @@ def run_worker(ctx):
             worker = Worker(ctx)
             worker.lifecycle.prepare()
             start_profiling()
+            start_memory_probe()
             if ctx.config.user is not None:
                 drop_privileges(ctx.config.user.uid, ctx.config.user.gid)
         except Exception as exc:   # noqa: BLE001 - reported to the master by exit code

@@ -466,13 +466,15 @@ class UpstreamExchange:
         pick, sock = self.pick, self.sock
         self.sock = None
         if sock is not None:
+            reader = self.reader
+            kept = reader if reusable and reader is not None and reader.parsed else None
             if reusable:
-                reader = self.reader
-                self.worker.pool.release(pick.server, sock, self.upstream.keepalive,
-                                         reader if reader is not None and reader.parsed
-                                         else None)
+                self.worker.pool.release(pick.server, sock, self.upstream.keepalive, kept)
             else:
                 sock.close()
+            if reader is not None and kept is None:
+                reader.parser = None       # parses nothing more: end the head<->parser cycle
+                self.reader = None
         if pick is not None:
             self.pick = None
             self.balancer.free(pick, failed)
@@ -515,6 +517,8 @@ class UpstreamExchange:
         self.bytes_out += received
         worker.accounting.log_upgrade(self.conn, request, self.upstream, pick)
         sock, self.sock, self.pick = self.sock, None, None
+        self.reader = None
+        response.parser = None          # the head and its parser point at each other
         worker.tunnels.open(self.conn, request, sock, pick, self.balancer, self.settings,
                             client_pending, backend_pending, self.bytes_in, self.bytes_out)
         return True, False

@@ -74,27 +74,30 @@ def close_all_tunnels(reason: str = "shutdown", code: int = CLOSE_GOING_AWAY) ->
 class _End:
     """One side of the tunnel: its socket, io watcher, and keepalive state."""
 
-    __slots__ = ("name", "sock", "fd", "ssl", "watcher", "events", "rx", "tx",
+    __slots__ = ("name", "sock", "ssl", "watcher", "events", "rx", "tx",
                  "last_rx", "ping_at", "masked")
 
-    def __init__(self, name, sock, masked):
+    def __init__(self, name, sock, masked, now):
         self.name = name
         self.masked = masked          # frames we inject toward this side are masked
         self.ssl = getattr(sock, "_sslobj", None)
         if self.ssl is not None:      # TLS: keep the SSL object, drive it non-blocking
             sock.settimeout(0.0)
             self.sock = sock
-            self.fd = sock.fileno()
         else:                         # plain: drop gevent's wrapper and its watchers
-            fd = sock.detach()
-            self.sock = _socket.socket(fileno=fd)   # unpatched C socket: no watchers
+            self.sock = _socket.socket(fileno=sock.detach())   # unpatched: no watchers
             self.sock.setblocking(False)
-            self.fd = fd
         self.watcher = None
         self.events = 0
         self.rx = self.tx = 0
-        self.last_rx = time.monotonic()
+        self.last_rx = now            # one float for both ends until either receives
         self.ping_at = 0.0
+
+    @property
+    def fd(self) -> int:
+        """The socket's descriptor (asked for when a watcher or a splice starts; not
+        kept: an int object per end costs every idle tunnel)."""
+        return self.sock.fileno()
 
     def recv_into(self, view) -> int:
         if self.ssl is None:
@@ -145,8 +148,9 @@ class Tunnel:
         self.settings = settings
         self.on_close = on_close
         self.framing = bool(settings.proxy_websocket_keepalive) if framing is None else framing
-        self.client = _End("client", client_sock, masked=False)
-        self.backend = _End("backend", backend_sock, masked=True)
+        now = time.monotonic()
+        self.client = _End("client", client_sock, False, now)
+        self.backend = _End("backend", backend_sock, True, now)
         splice_ok = use_splice and not self.framing and splice.AVAILABLE
         prefix = worker_token() if self.framing else None
         self.up = _Flow(self.client, self.backend,
@@ -166,9 +170,9 @@ class Tunnel:
         _live.add(self)
         ensure_sweep(self.settings, _live)
         loop = gevent.get_hub().loop
-        for end, cb in ((self.client, self._on_client), (self.backend, self._on_backend)):
+        for end, cb in ((self.client, _on_client_event), (self.backend, _on_backend_event)):
             end.watcher = loop.io(end.fd, READ)
-            end.watcher.start(cb, pass_events=True)
+            end.watcher.start(cb, self, pass_events=True)
             end.events = READ
         for flow, data in ((self.up, client_pending), (self.down, backend_pending)):
             if data and not self.closed:
@@ -278,13 +282,7 @@ class Tunnel:
             self.backend_failed = True
         self._on_eof(flow)
 
-    # ---- io callbacks ----------------------------------------------------------------
-    def _on_client(self, revents):
-        self._handle(self.client, self.down, self.up, revents)
-
-    def _on_backend(self, revents):
-        self._handle(self.backend, self.up, self.down, revents)
-
+    # ---- io callbacks (_on_client_event, _on_backend_event) ----------------------------
     def _handle(self, end, inflow, outflow, revents):
         if self.closed:
             return
@@ -358,8 +356,8 @@ class Tunnel:
                 end.events = want
                 if want:
                     w.events = want
-                    w.start(self._on_client if end is self.client else self._on_backend,
-                            pass_events=True)
+                    w.start(_on_client_event if end is self.client else _on_backend_event,
+                            self, pass_events=True)
 
     def _pump(self, flow) -> None:
         """Read what src has and pass it on immediately; stop on backpressure."""
@@ -479,6 +477,16 @@ class Tunnel:
             flow.tail = frame[sent:]
             flow.stall = now
         return True
+
+
+def _on_client_event(revents, tunnel) -> None:
+    """The client's watcher fired.  Module functions with the tunnel as the watcher's
+    argument, not bound methods: no method object per watcher (idle tunnels are many)."""
+    tunnel._handle(tunnel.client, tunnel.down, tunnel.up, revents)
+
+
+def _on_backend_event(revents, tunnel) -> None:
+    tunnel._handle(tunnel.backend, tunnel.up, tunnel.down, revents)
 
 
 def _drain_and_close(end) -> None:
