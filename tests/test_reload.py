@@ -127,11 +127,15 @@ def test_requests_never_fail_across_20_reloads(backends, tmp_path):
     assert failures == []
 
 
-def test_keepalive_clients_lose_nothing_across_20_reloads(backends, tmp_path):
+@pytest.mark.parametrize("fast_path", ["1", "0"], ids=["lanes", "greenlets"])
+def test_keepalive_clients_lose_nothing_across_20_reloads(backends, tmp_path, monkeypatch,
+                                                          fast_path):
     """10 keep-alive clients, a request every 10 ms each, 20 reloads: every request gets
     exactly one 200 on its own connection (no client retries), and every backend
     answered each request once.  Idle connections move to the new generation instead
-    of being closed under a request the client has just sent."""
+    of being closed under a request the client has just sent: from a Lane, or (with
+    MPLB_FAST_PATH=0) from the greenlet waiting for the next request."""
+    monkeypatch.setenv("MPLB_FAST_PATH", fast_path)
     port = free_port()
     servers = [f"server {b.url};" for b in backends]
     mplb = Mplb(render(port, tmp_path, servers), workers=2, wait_ports=[port])
@@ -142,7 +146,7 @@ def test_keepalive_clients_lose_nothing_across_20_reloads(backends, tmp_path):
             with RawConnection(port, timeout=10) as conn:
                 seq = 0
                 while not stop.is_set():
-                    path = f"/once/{number}/{seq}"
+                    path = f"/once/{fast_path}/{number}/{seq}"
                     conn.send(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
                     response = conn.read_response()
                     if response.status != 200 or json.loads(response.body)["path"] != path:
@@ -161,19 +165,19 @@ def test_keepalive_clients_lose_nothing_across_20_reloads(backends, tmp_path):
     for thread in threads:
         thread.start()
     try:
-        for _ in range(20):
-            reload_and_wait(mplb)
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(30)
-    try:
+        try:
+            for _ in range(20):
+                reload_and_wait(mplb)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(30)
         assert errors == []
         assert all(sent[n] > 0 for n in range(10))
         answered = collections.Counter()
         for backend in backends:
             answered.update(path for path in json.loads(get(backend.port, "/once-log")[2])
-                            if path.startswith("/once/"))
+                            if path.startswith(f"/once/{fast_path}/"))
         twice = [path for path, n in answered.items() if n > 1]
         assert twice == []
         assert sum(answered.values()) == sum(sent.values())

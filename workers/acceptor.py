@@ -251,7 +251,8 @@ class Acceptor:
                 lane.move()
         queued, self.to_move = self.to_move, []
         waiting = [conn for conn in self.connections
-                   if conn.movable and conn.idle_waiter is not None]
+                   if conn.movable and conn.idle_waiter is not None and not conn.handed_off
+                   and conn not in queued]
         moves = [ConnectionMove(self, conn) for conn in queued + waiting]
         if not moves:
             return 0
@@ -307,6 +308,9 @@ class ConnectionMove:
         if not conn.hand_off():
             return None
         fd = conn.sock.detach()
+        if fd < 0:                       # closed meanwhile (the client left): nothing to move
+            self.handed_over()
+            return None
         state = {"kind": "connection", "listen": list(conn.listen_key),
                  "client": [conn.client_ip, conn.client_port], "served": conn.served}
         return [fd], state, b"", b""
@@ -317,7 +321,11 @@ class ConnectionMove:
 
     def keep(self, fds, state, a, b) -> None:
         """The descriptor never left (the receiver is gone): close, as a stop would."""
-        os.close(fds[0])
-        self.acceptor.release_slot(self.conn.holds_capacity)
-        self.conn.release()
+        try:
+            os.close(fds[0])
+        except OSError:
+            pass
+        finally:                         # the slot comes back whatever: a stop must end
+            self.acceptor.release_slot(self.conn.holds_capacity)
+            self.conn.release()
 

@@ -96,8 +96,13 @@ class HandoverServer:
             except OSError:
                 return
             pid = peer_pid(conn)
-            if parent_of(pid) != self.master_pid:
-                log.warning("refused a handover from pid %d (not our sibling)", pid)
+            parent = parent_of(pid)
+            if parent != self.master_pid:
+                if parent == -1:       # a sibling that had nothing for us and has exited
+                    log.debug("closed a handover connection from pid %d, which has exited",
+                              pid)
+                else:
+                    log.warning("refused a handover from pid %d (not our sibling)", pid)
                 conn.close()
                 continue
             gevent.spawn(self._serve, conn)

@@ -152,10 +152,12 @@ class ClientConnection:
         meanwhile stay in the kernel, with the socket.  True when the serving greenlet
         has ended and the socket is free to move.
         """
+        # The serving greenlet, held here: it clears conn.greenlet as it ends.
+        greenlet = self.greenlet
         if self.handed_off:                # it stopped itself (or its Lane stopped)
-            if self.greenlet is not None:
-                self.greenlet.join(1.0)
-                return self.greenlet.dead
+            if greenlet is not None:
+                greenlet.join(1.0)
+                return greenlet.dead
             return True
         waiter = self.idle_waiter
         if waiter is None or not self.between_requests():
@@ -169,7 +171,7 @@ class ClientConnection:
             decided.set()
         get_hub().loop.run_callback(end_wait_if_still_idle)
         decided.wait()
-        return self.handed_off and self.greenlet.dead
+        return self.handed_off and (greenlet is None or greenlet.dead)
 
     # -- httptools callbacks ----------------------------------------------
     def on_message_begin(self):
