@@ -96,6 +96,19 @@ def test_broken_file_keeps_old_configuration(backends, tmp_path):
         mplb.stop()
 
 
+def reload_under_load(mplb, clients, stop, reloads=20):
+    """Run the ``clients`` threads through ``reloads`` reloads, then stop and join them."""
+    for thread in clients:
+        thread.start()
+    try:
+        for _ in range(reloads):
+            reload_and_wait(mplb)
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join(30)
+
+
 def test_requests_never_fail_across_20_reloads(backends, tmp_path):
     port = free_port()
     mplb = Mplb(render(port, tmp_path, [f"server {b.url};" for b in backends]), workers=2,
@@ -112,16 +125,9 @@ def test_requests_never_fail_across_20_reloads(backends, tmp_path):
                 failures.append(repr(exc))
             count[0] += 1
 
-    threads = [threading.Thread(target=hammer) for _ in range(4)]
-    for thread in threads:
-        thread.start()
     try:
-        for _ in range(20):
-            reload_and_wait(mplb)
+        reload_under_load(mplb, [threading.Thread(target=hammer) for _ in range(4)], done)
     finally:
-        done.set()
-        for thread in threads:
-            thread.join(30)
         mplb.stop()
     assert count[0] > 100
     assert failures == []
@@ -161,17 +167,9 @@ def test_keepalive_clients_lose_nothing_across_20_reloads(backends, tmp_path, mo
         except (AssertionError, OSError) as exc:
             errors.append((number, sent[number], repr(exc)))
 
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(10)]
-    for thread in threads:
-        thread.start()
     try:
-        try:
-            for _ in range(20):
-                reload_and_wait(mplb)
-        finally:
-            stop.set()
-            for thread in threads:
-                thread.join(30)
+        reload_under_load(mplb, [threading.Thread(target=client, args=(n,))
+                                 for n in range(10)], stop)
         assert errors == []
         assert all(sent[n] > 0 for n in range(10))
         answered = collections.Counter()
