@@ -74,6 +74,13 @@ def install_finder() -> None:
         sys.meta_path.insert(0, SourceFinder(pure_python_forced()))
 
 
+def _package_folders(name: str) -> list:
+    """Where ``name``'s package (mplb.workers) sits, from mplb's own search path."""
+    import mplb
+    package = name.split(".")[1]
+    return [os.path.join(folder, package) for folder in mplb.__path__]
+
+
 def module_builds() -> dict:
     """``{module: "compiled" | "python"}`` as this process imports (or would import) them."""
     builds = {}
@@ -81,8 +88,8 @@ def module_builds() -> dict:
         module = sys.modules.get(name)
         if module is not None:
             origin = getattr(module, "__file__", "") or ""
-        else:
-            spec = importlib.util.find_spec(name)
+        else:                # found, not imported: the master never imports the data plane
+            spec = SourceFinder(pure_python_forced()).find_spec(name, _package_folders(name))
             origin = spec.origin if spec is not None else ""
         compiled = origin.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
         builds[name] = "compiled" if compiled else "python"

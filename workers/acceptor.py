@@ -21,6 +21,7 @@ served twice.
 from __future__ import annotations
 
 import _socket
+import contextlib
 import logging
 import os
 import socket
@@ -251,8 +252,7 @@ class Acceptor:
                 lane.move()
         queued, self.to_move = self.to_move, []
         waiting = [conn for conn in self.connections
-                   if conn.movable and conn.idle_waiter is not None and not conn.handed_off
-                   and conn not in queued]
+                   if conn.movable and conn.idle_waiter is not None and not conn.handed_off]
         moves = [ConnectionMove(self, conn) for conn in queued + waiting]
         if not moves:
             return 0
@@ -321,11 +321,7 @@ class ConnectionMove:
 
     def keep(self, fds, state, a, b) -> None:
         """The descriptor never left (the receiver is gone): close, as a stop would."""
-        try:
+        with contextlib.suppress(OSError):
             os.close(fds[0])
-        except OSError:
-            pass
-        finally:                         # the slot comes back whatever: a stop must end
-            self.acceptor.release_slot(self.conn.holds_capacity)
-            self.conn.release()
+        self.handed_over()               # the slot comes back whatever: a stop must end
 
